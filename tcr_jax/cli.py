@@ -1,0 +1,85 @@
+"""The `tcr-jax` command line.
+
+Each sub-command imports what it needs lazily so that `tcr-jax --help` is
+fast and sub-commands that never touch TensorFlow do not import it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+class UserError(Exception):
+  """An error caused by the user's input: printed as one line, exit code 2."""
+
+
+def _preview_data(args: argparse.Namespace) -> None:
+  from tcr_jax.data import preview
+  preview.write_contact_sheet(args.output, split=args.split, num=args.num,
+                              height=args.height, width=args.width,
+                              seed=args.seed)
+  print(args.output)
+
+
+def _import_torchvision(args: argparse.Namespace) -> None:
+  from tcr_jax.tasks import torchvision_import
+  summary = torchvision_import.import_to_checkpoint(
+      args.arch, args.state_dict, args.output)
+  import json
+  print(json.dumps(summary))
+
+
+def _demo(args: argparse.Namespace) -> None:
+  from tcr_jax import demo
+  demo.run(args.output_dir, steps=args.steps, height=args.height,
+           width=args.width, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="tcr-jax",
+      description="Task-compatible compressible representations in JAX.")
+  sub = p.add_subparsers(dest="command", required=True)
+
+  s = sub.add_parser("preview-data",
+                     help="contact sheet of the synthetic street scenes")
+  s.add_argument("--output", required=True, help="PNG file to write")
+  s.add_argument("--split", default="train", choices=["train", "validation"])
+  s.add_argument("--num", type=int, default=8)
+  s.add_argument("--height", type=int, default=128)
+  s.add_argument("--width", type=int, default=256)
+  s.add_argument("--seed", type=int, default=0)
+  s.set_defaults(func=_preview_data)
+
+  s = sub.add_parser("import-torchvision",
+                     help="convert a torchvision state_dict to an orbax checkpoint")
+  s.add_argument("--arch", required=True,
+                 choices=["lraspp_mobilenet_v3_large", "deeplabv3_resnet50",
+                          "mobilenet_v3_large", "resnet50"])
+  s.add_argument("--state-dict", required=True, help=".pth file (torch.save)")
+  s.add_argument("--output", required=True, help="checkpoint directory")
+  s.set_defaults(func=_import_torchvision)
+
+  s = sub.add_parser("demo", help="train a small codec on synthetic scenes")
+  s.add_argument("--output-dir", default="out/demo")
+  s.add_argument("--steps", type=int, default=300)
+  s.add_argument("--height", type=int, default=64)
+  s.add_argument("--width", type=int, default=128)
+  s.add_argument("--seed", type=int, default=0)
+  s.set_defaults(func=_demo)
+  return p
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    args.func(args)
+  except (UserError, FileNotFoundError, ValueError, KeyError) as e:
+    msg = e.args[0] if e.args else repr(e)
+    print(f"tcr-jax {args.command}: error: {msg}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
