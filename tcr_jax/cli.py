@@ -9,8 +9,7 @@ import argparse
 import sys
 
 
-class UserError(Exception):
-  """An error caused by the user's input: printed as one line, exit code 2."""
+from tcr_jax.errors import UserError
 
 
 def _preview_data(args: argparse.Namespace) -> None:
@@ -74,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   try:
     args.func(args)
-  except (UserError, FileNotFoundError, ValueError, KeyError) as e:
+  except (UserError, FileNotFoundError) as e:
     msg = e.args[0] if e.args else repr(e)
     print(f"tcr-jax {args.command}: error: {msg}", file=sys.stderr)
     return 2
