@@ -1,0 +1,50 @@
+"""Datasets: the embedded synthetic scenes, and (later) tfds pipelines.
+
+`make_dataset(config, split)` returns an indexable dataset whose
+`batch(indices)` gives host numpy batches in the training layout:
+
+  image      (B, H, W, 3) float32 in [0, 1]
+  disparity  (B, H, W) float32, pixels
+  valid      (B, H, W) bool, pixels with ground-truth disparity
+  labels     (B, H, W) int32, train ids, ignore mapped to config.task.ignore_index
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from tcr_jax.errors import UserError
+
+
+class SceneBatches:
+  """Adapts SyntheticScenes samples to the training layout."""
+
+  def __init__(self, scenes, ignore_index: int):
+    self.scenes = scenes
+    self.ignore_index = ignore_index
+
+  def __len__(self) -> int:
+    return len(self.scenes)
+
+  def batch(self, indices) -> dict[str, np.ndarray]:
+    raw = self.scenes.batch(list(indices))
+    labels = raw["segmentation"].astype(np.int32)
+    labels[labels == 255] = self.ignore_index
+    return {"image": raw["image"].astype(np.float32) / 255.0,
+            "disparity": raw["disparity"].astype(np.float32),
+            "valid": raw["disparity_valid"].astype(bool),
+            "labels": labels}
+
+
+def make_dataset(config, split: str):
+  """The dataset named by config.data.name for split "train" / "validation"."""
+  name = config.data.name
+  if name == "synthetic":
+    from tcr_jax.data.synthetic import SyntheticScenes
+    scenes = SyntheticScenes(split, config.data.height, config.data.width,
+                             config.seed)
+    return SceneBatches(scenes, config.task.ignore_index)
+  if name == "cityscapes":
+    raise UserError(
+        "the Cityscapes pipeline is not available in this version; run the "
+        "embedded dataset with --config=configs/<experiment>.py:synthetic")
+  raise UserError(f"unknown dataset {name!r}; expected 'synthetic' or 'cityscapes'")

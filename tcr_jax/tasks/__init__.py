@@ -1,0 +1,32 @@
+"""Task heads ported from torchvision, with their losses and metrics.
+
+  LRASPPMobileNetV3   the depth head (1 output, disparity in pixels)
+  DeepLabV3ResNet50   the segmentation head with the FCN aux head
+  MobileNetV3Large, ResNet50   their (dilated) backbones
+
+All modules are NHWC, take normalised images, and have params and
+batch_stats collections; `load_torchvision` brings torchvision weights in.
+Torch is never imported here (only to read .pth files, lazily).
+"""
+from tcr_jax.tasks.deeplabv3 import DeepLabV3ResNet50
+from tcr_jax.tasks.losses import (confusion_matrix, cross_entropy, depth_loss,
+                                  depth_metrics, miou, pixel_accuracy,
+                                  segmentation_loss, segmentation_metrics)
+from tcr_jax.tasks.lraspp import LRASPPMobileNetV3
+from tcr_jax.tasks.mobilenetv3 import MobileNetV3Large
+from tcr_jax.tasks.resnet import ResNet50
+from tcr_jax.tasks.torchvision_import import (ARCHS, backbone_to_segmentation_variables,
+                                              convert_state_dict, count_params,
+                                              export_state_dict,
+                                              init_variables, load_checkpoint,
+                                              load_torchvision,
+                                              load_torchvision_report)
+
+__all__ = [
+    "ARCHS", "DeepLabV3ResNet50", "LRASPPMobileNetV3", "MobileNetV3Large",
+    "ResNet50", "backbone_to_segmentation_variables", "confusion_matrix",
+    "convert_state_dict", "count_params", "export_state_dict", "cross_entropy", "depth_loss",
+    "depth_metrics", "init_variables", "load_checkpoint", "load_torchvision",
+    "load_torchvision_report", "miou", "pixel_accuracy", "segmentation_loss",
+    "segmentation_metrics",
+]

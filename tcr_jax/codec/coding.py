@@ -1,0 +1,1113 @@
+"""Entropy coding of latents with constriction: real bitstreams.
+
+The entropy models (`entropy_models.py`) give every latent element a
+discretized Gaussian; this module turns those into range-coded bytes and
+back, exactly, so that every rate tcr_jax reports can be a file size.
+
+What is coded
+-------------
+y (all Gaussian models). The model's rate is that of the integer residual
+r = round(y_hat - mean) under a ZERO-MEAN discretized Gaussian of scale
+s >= 0.11. We code r = y_hat - c, where c is an integer centre (c = mean
+rounded, see below) and decode y_hat = r + c. Away from mean = k + 1/2 this r
+equals the model's; at those ties the model's round-half-toward-zero maps two
+y_hat to one r, so an integer centre is what makes decoding exact.
+
+Zero-mean tables indexed by scale alone: SCALE_LEVELS scales spaced evenly in
+log from 0.11 to 256 (step 0.123 in log, 13% per level); an element uses the
+nearest level in log (so the table scale is within 6.3% of the predicted
+one; the mismatch costs about step^2 / 12 nats, ~0.002 bits per element).
+Each level has one fixed constriction Categorical over r in [-K, K] plus an
+escape symbol (K covers all but 1e-9 of the mass), built once per process.
+Escaped residuals follow as sign and an Elias-gamma-like magnitude in
+uniform (bypass) symbols, so any residual up to 2^31 decodes exactly. Within
+a decoding pass the symbols are grouped by table level, so one constriction
+call decodes a whole group (~30 M symbols/s against ~5 M/s for per-symbol
+quantized Gaussians).
+
+z (hyperprior models). Under the FactorizedPrior: per channel, an integer
+support [lo, hi] outside of which the prior has less than 1e-9 of its mass,
+one Categorical over it plus an escape, built from the prior's parameters.
+
+Tables identical on every machine
+---------------------------------
+Tables are computed on the host in numpy float64, never on the accelerator,
+and only with IEEE basic operations (+ - * /, floor, ldexp), which are
+correctly rounded everywhere: exp, log, tanh, erfc are evaluated by the
+small series in this module (`_dexp`, `_dlog`, ...) instead of libm/SIMD
+routines that may differ in the last bit between machines, and the
+factorized prior's tiny matrix products are explicit loops (no BLAS, whose
+summation order varies). So encoder and decoder build bit-identical tables.
+
+Robust to the decoder's own float noise (GPU encode, CPU decode)
+------------------------------------------------------------------
+The decoder recomputes (scale, mean) with the parameter networks, possibly
+on another backend, from the same integers y_hat / z_hat; the results differ
+from the encoder's by float noise (measured ~1e-6 relative, assumed below
+`tol`, default 1e-4). Both sides quantize the parameters with the same maps
+
+  q_scale(s) = nearest table level of s (in log),
+  q_centre(m) = floor(m + 1/2),
+
+whose boundaries are the log-midpoints between levels and the half-integers.
+The encoder marks every element whose own log-scale lies within 2 tol of a
+scale boundary, and every element whose own mean lies within
+2 tol max(1, |m|) of a half-integer, and transmits those element positions
+(two sorted lists, gap-coded). For a listed element both sides use the
+canonical choice "the side below the nearest boundary" (level k - 1 for the
+boundary between k - 1 and k; centre k - 1 for the boundary k - 1/2), which
+each side can locate from its own value because the boundaries are much
+farther apart than 3 tol. Every other element satisfies |p - b| >= 2 tol for
+every boundary b while the decoder's value p' obeys |p' - p| < tol, so
+|p' - b| > tol > 0: p' lies on the same side of every boundary as p, and
+q(p') = q(p). Hence the decoder derives exactly the encoder's (level,
+centre) for every element, and decodes exactly, whenever the cross-backend
+deviation is below tol; the rule does not depend on tol on the decoder's
+side (tol is an encoder option, not part of the format). The cost is the
+lists: with tol = 1e-4 about 0.33% of elements with scales inside the table
+range and 0.04% of all means are listed, at ~log2(1/density) + 1.5 bits
+each (`info["side_bits"]`). The parameter networks run with
+"highest" matmul precision so that a GPU does not use TF32 (1e-3 noise).
+
+Order of symbols
+----------------
+constriction's RangeEncoder/RangeDecoder form a queue: symbols decode in the
+order they were encoded, so the encoder, which knows y_hat and computes all
+parameters in one pass, writes symbols in the order the decoder can produce
+their parameters:
+
+  hyperprior / "none"   one pass over all elements
+  checkerboard          anchors ((i + j) even), then the rest: two passes
+  serial context        wavefronts t = 3 i + j: with the 5x5 type-A mask,
+                        (i, j) reads (i-2..i-1, j-2..j+2) and (i, j-2..j-1),
+                        all with 3 i' + j' < t, so the ~3H + W wavefronts
+                        decode one after another, each in one batch
+
+Within a pass: raster order, stably grouped by table level. The serial
+decoder is one compiled lax.fori_loop over wavefronts: each step gathers the
+5x5 neighbourhoods of its positions, computes their parameters, and decodes
+their symbols on the host through an ordered io_callback (a Python loop over
+wavefronts calling jitted steps is kept as `schedule="python"` to compare).
+
+Stream layout
+-------------
+"hyper": constriction words (little-endian uint32) of z, channel by channel.
+"y": constriction words: the two fix-list counts and gap-coded positions,
+then the residual symbols pass by pass. Shapes are not stored: the container
+(`bitstream.py`) stores the image size, from which the caller derives them.
+
+API
+---
+  encode_latent(em, variables, y, side)           -> (streams, info)
+  decode_latent(em, variables, streams, shape, side) -> y_hat
+  encode_scalable / decode_scalable                "base" and "enhancement"
+                                                  layers; base decodes alone
+  compress(model, variables, image)               -> bytes (ImageCodec)
+  decompress(model, variables, data)              -> (x_hat, info)
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+import threading
+from typing import Any, Callable, Mapping
+
+import constriction
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
+
+from tcr_jax.codec import bitstream, entropy, entropy_models, layers, ops
+from tcr_jax.codec.bitstream import BitstreamError
+
+SCALE_MIN = entropy.SCALE_LOWER_BOUND
+SCALE_MAX = 256.0
+SCALE_LEVELS = 64
+TAIL_MASS = 1e-9
+DEFAULT_TOL = 1e-4
+MAX_ABS_VALUE = 1 << 31  # largest coded |latent|
+MAX_HYPER_SUPPORT = 1 << 13  # symbols per hyper-latent channel table
+SCHEDULES = ("fori", "python")
+
+ParamTransform = Callable[[np.ndarray, np.ndarray, np.ndarray],
+                          tuple[np.ndarray, np.ndarray]]
+
+_queue = constriction.stream.queue
+_model = constriction.stream.model
+
+# --------------------------------------------------------------------------
+# Deterministic elementary functions: only correctly rounded IEEE operations,
+# so every machine computes the same float64 tables bit for bit.
+
+_LN2_HI = 6.93147180369123816490e-01  # 32 significant bits: n * hi is exact
+_LN2_LO = 1.90821492927058770002e-10
+_INV_LN2 = 1.44269504088896338700e+00
+_SQRT_HALF = 0.70710678118654752440
+_INV_SQRT_PI = 0.56418958354775628695
+
+
+def _dexp(x) -> np.ndarray:
+  """exp(x): range reduction by ln 2 and a degree-16 Taylor polynomial."""
+  x = np.clip(np.asarray(x, np.float64), -745.0, 709.0)
+  n = np.floor(x * _INV_LN2 + 0.5)
+  r = (x - n * _LN2_HI) - n * _LN2_LO  # |r| <= 0.347
+  p = np.ones_like(r)
+  for k in range(16, 0, -1):
+    p = 1.0 + r * p / k
+  return np.ldexp(p, n.astype(np.int32))
+
+
+def _dlog(x) -> np.ndarray:
+  """log(x), x > 0: frexp, then 2 atanh((m - 1) / (m + 1)) as a series."""
+  m, e = np.frexp(np.asarray(x, np.float64))
+  low = m < _SQRT_HALF
+  m = np.where(low, m * 2.0, m)
+  e = (e - low).astype(np.float64)
+  s = (m - 1.0) / (m + 1.0)  # |s| <= 0.1716
+  s2 = s * s
+  series = np.zeros_like(s)
+  for k in range(12, -1, -1):
+    series = 1.0 / (2 * k + 1) + s2 * series
+  return e * _LN2_HI + (e * _LN2_LO + 2.0 * s * series)
+
+
+def _dtanh(x) -> np.ndarray:
+  x = np.asarray(x, np.float64)
+  t = _dexp(-2.0 * np.abs(x))
+  return np.sign(x) * (1.0 - t) / (1.0 + t)
+
+
+def _dsigmoid(x) -> np.ndarray:
+  x = np.asarray(x, np.float64)
+  e = _dexp(-np.abs(x))
+  return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def _dsoftplus(x) -> np.ndarray:
+  x = np.asarray(x, np.float64)
+  return np.maximum(x, 0.0) + _dlog(1.0 + _dexp(-np.abs(x)))
+
+
+def _derfc(x) -> np.ndarray:
+  """erfc(x) for x >= 0: Taylor series of erf below 1.5, continued fraction above."""
+  x = np.asarray(x, np.float64)
+  small = x < 1.5
+  z = np.where(small, x, 0.0)
+  z2 = z * z
+  term = z.copy()
+  total = z.copy()
+  for n in range(1, 40):
+    term = term * -z2 / n
+    total = total + term / (2 * n + 1)
+  erfc_small = 1.0 - 2.0 * _INV_SQRT_PI * total
+  z = np.where(small, 1.5, x)
+  f = z.copy()
+  for k in range(80, 0, -1):  # erfc = e^{-z^2} / sqrt(pi) / (z + (1/2)/(z + 1/(z + ...)))
+    f = z + (0.5 * k) / f
+  erfc_large = _dexp(-z * z) * _INV_SQRT_PI / f
+  return np.where(small, erfc_small, erfc_large)
+
+
+def _normal_upper_tail(t) -> np.ndarray:
+  """P(N(0, 1) > t) for t >= 0."""
+  return 0.5 * _derfc(np.asarray(t, np.float64) * _SQRT_HALF)
+
+
+# --------------------------------------------------------------------------
+# Quantized parameters: (table level, integer centre) from (scale, mean).
+
+_LOG_MIN = float(_dlog(SCALE_MIN))
+_LOG_STEP = float((_dlog(SCALE_MAX) - _dlog(SCALE_MIN)) / (SCALE_LEVELS - 1))
+
+
+def scale_table() -> np.ndarray:
+  """The SCALE_LEVELS table scales, 0.11 ... 256, evenly spaced in log."""
+  return _dexp(_LOG_MIN + _LOG_STEP * np.arange(SCALE_LEVELS))
+
+
+def _scale_position(scale) -> np.ndarray:
+  """Position in level units, shifted by 1/2: level k covers [k, k + 1)."""
+  s = np.maximum(np.asarray(scale, np.float64), SCALE_MIN)
+  return (_dlog(s) - _LOG_MIN) / _LOG_STEP + 0.5
+
+
+def scale_index(scale, listed=None) -> np.ndarray:
+  """Table level of each scale: the nearest in log (q_scale).
+
+  `listed` marks elements on the encoder's fix list: they take the level
+  below their nearest level boundary.
+  """
+  pos = _scale_position(scale)
+  idx = np.clip(np.floor(pos), 0, SCALE_LEVELS - 1)
+  if listed is not None:
+    below = np.clip(np.rint(pos), 1, SCALE_LEVELS - 1) - 1
+    idx = np.where(listed, below, idx)
+  return idx.astype(np.int64)
+
+
+def centre(mean, listed=None) -> np.ndarray:
+  """Integer centre floor(mean + 1/2) (q_centre); listed elements take the
+  integer below their nearest half-integer boundary."""
+  g = np.asarray(mean, np.float64) + 0.5
+  c = np.floor(g)
+  if listed is not None:
+    c = np.where(listed, np.rint(g) - 1.0, c)
+  return c.astype(np.int64)
+
+
+def boundary_flags(scale, mean, tol: float) -> tuple[np.ndarray, np.ndarray]:
+  """Elements whose parameters are within 2 tol of a quantization boundary.
+
+  Scale: in log (relative tolerance). Mean: 2 tol max(1, |mean|).
+  """
+  pos = _scale_position(scale)
+  nearest = np.clip(np.rint(pos), 1, SCALE_LEVELS - 1)
+  near_scale = np.abs(pos - nearest) * _LOG_STEP < 2.0 * tol
+  m = np.asarray(mean, np.float64)
+  g = m + 0.5
+  near_centre = np.abs(g - np.rint(g)) < 2.0 * tol * np.maximum(1.0, np.abs(m))
+  return near_scale, near_centre
+
+
+# --------------------------------------------------------------------------
+# Integers in bypass symbols, used for escapes and counts.
+
+_UNIFORM = _model.Uniform()  # family: per-symbol sizes
+_BIT = _model.Uniform(2)
+_LENGTH = _model.Uniform(64)
+_MAX_UINT_BITS = 40
+
+
+def _bit_length(v: np.ndarray) -> np.ndarray:
+  """Exact bit lengths of non-negative int64 values."""
+  v = np.asarray(v, np.int64)
+  n = np.zeros(v.shape, np.int64)
+  for shift in (32, 16, 8, 4, 2, 1):
+    big = (v >> (n + shift)) > 0
+    n = np.where(big, n + shift, n)
+  return n + (v > 0)
+
+
+def _encode_uints(enc, values) -> None:
+  """Values >= 0 as Elias-gamma-like codes: the bit length of v + 1 in a
+  6-bit symbol, then its low bits in 16-bit uniform chunks."""
+  w = np.asarray(values, np.int64) + 1
+  if w.size == 0:
+    return
+  nbits = _bit_length(w) - 1
+  enc.encode(nbits.astype(np.int32), _LENGTH)
+  low = w - (np.int64(1) << nbits)
+  for start in range(0, int(nbits.max()), 16):
+    sel = nbits > start
+    width = np.minimum(nbits[sel] - start, 16)
+    chunk = (low[sel] >> start) & ((np.int64(1) << width) - 1)
+    enc.encode(chunk.astype(np.int32), _UNIFORM, (np.int64(1) << width).astype(np.int32))
+
+
+def _decode_uints(dec, count: int) -> np.ndarray:
+  if count == 0:
+    return np.zeros(0, np.int64)
+  nbits = dec.decode(_LENGTH, count).astype(np.int64)
+  if nbits.max() > _MAX_UINT_BITS:
+    raise BitstreamError("corrupt stream (integer too long)")
+  low = np.zeros(count, np.int64)
+  for start in range(0, int(nbits.max()), 16):
+    sel = nbits > start
+    width = np.minimum(nbits[sel] - start, 16)
+    chunk = dec.decode(_UNIFORM, (np.int64(1) << width).astype(np.int32))
+    low[sel] |= chunk.astype(np.int64) << start
+  return (np.int64(1) << nbits) + low - 1
+
+
+def _uint_bits(values) -> float:
+  """Ideal cost of _encode_uints(values) in bits."""
+  w = np.asarray(values, np.int64) + 1
+  return float(np.sum(6 + _bit_length(w) - 1))
+
+
+# --------------------------------------------------------------------------
+# Gaussian tables.
+
+
+def _coded_pmf(pmf: np.ndarray) -> np.ndarray:
+  """Approximately the distribution constriction codes with: normalized,
+  every symbol at least 2^-24 (its 24-bit precision). For ideal-bit counts."""
+  q = np.maximum(pmf / pmf.sum(), 2.0 ** -24)
+  return q / q.sum()
+
+
+@dataclasses.dataclass(frozen=True)
+class GaussianTables:
+  """Per level: half-width K (symbols -K..K, escape 2K + 1), model, pmf."""
+  scales: np.ndarray
+  half_widths: np.ndarray
+  models: tuple
+  pmfs: tuple
+
+
+@functools.lru_cache(maxsize=1)
+def gaussian_tables() -> GaussianTables:
+  scales = scale_table()
+  tail_z = 6.11  # 2 P(N > 6.11) < 1e-9
+  half_widths = np.maximum(1, np.ceil(tail_z * scales - 0.5)).astype(np.int64)
+  models, pmfs = [], []
+  for s, k in zip(scales, half_widths):
+    v = np.abs(np.arange(-k, k + 1, dtype=np.float64))
+    upper = _normal_upper_tail((v + 0.5) / s)
+    lower = np.where(v == 0, 0.5, _normal_upper_tail(np.maximum(v - 0.5, 0) / s))
+    pmf = np.where(v == 0, 1.0 - 2.0 * upper, lower - upper)
+    escape = 2.0 * _normal_upper_tail((k + 0.5) / s)
+    pmf = np.append(pmf, escape)
+    models.append(_model.Categorical(pmf, perfect=False))
+    pmfs.append(_coded_pmf(pmf))
+  return GaussianTables(scales, half_widths, tuple(models), tuple(pmfs))
+
+
+def _encode_group(enc, values: np.ndarray, model, lo: int, hi: int) -> int:
+  """Symbols value - lo for lo <= value <= hi, escape (hi - lo + 1) outside,
+  then the escapes' side and overflow. Returns the number of escapes."""
+  escape = hi - lo + 1
+  out = (values < lo) | (values > hi)
+  symbols = np.where(out, escape, values - lo).astype(np.int32)
+  enc.encode(symbols, model)
+  if out.any():
+    v = values[out]
+    below = v < lo
+    enc.encode(below.astype(np.int32), _BIT)
+    _encode_uints(enc, np.where(below, lo - 1 - v, v - hi - 1))
+  return int(out.sum())
+
+
+def _decode_group(dec, count: int, model, lo: int, hi: int) -> np.ndarray:
+  symbols = dec.decode(model, count).astype(np.int64)
+  values = symbols + lo
+  out = symbols == hi - lo + 1
+  n_out = int(out.sum())
+  if n_out:
+    below = dec.decode(_BIT, n_out).astype(bool)
+    overflow = _decode_uints(dec, n_out)
+    values[out] = np.where(below, lo - 1 - overflow, hi + 1 + overflow)
+    if np.abs(values[out]).max() > MAX_ABS_VALUE:
+      raise BitstreamError("corrupt stream (value out of range)")
+  return values
+
+
+def _groups(idx: np.ndarray):
+  """(level, positions in `idx`) for each level present, levels ascending,
+  positions ascending (a stable grouping of a raster-ordered pass)."""
+  order = np.argsort(idx, kind="stable")
+  sorted_idx = idx[order]
+  starts = np.flatnonzero(np.diff(sorted_idx, prepend=-1))
+  ends = np.append(starts[1:], len(order))
+  for a, b in zip(starts, ends):
+    yield int(sorted_idx[a]), order[a:b]
+
+
+def _encode_residuals(enc, residuals: np.ndarray, idx: np.ndarray) -> int:
+  tables = gaussian_tables()
+  escapes = 0
+  for level, where in _groups(idx):
+    k = int(tables.half_widths[level])
+    escapes += _encode_group(enc, residuals[where], tables.models[level], -k, k)
+  return escapes
+
+
+def _decode_residuals(dec, idx: np.ndarray) -> np.ndarray:
+  tables = gaussian_tables()
+  out = np.zeros(idx.shape, np.int64)
+  for level, where in _groups(idx):
+    k = int(tables.half_widths[level])
+    out[where] = _decode_group(dec, len(where), tables.models[level], -k, k)
+  return out
+
+
+def table_bits(residuals: np.ndarray, idx: np.ndarray) -> float:
+  """Ideal bits of residuals under the tables (escapes included)."""
+  tables = gaussian_tables()
+  total = 0.0
+  for level, where in _groups(idx):
+    k = int(tables.half_widths[level])
+    r = residuals[where]
+    out = np.abs(r) > k
+    sym = np.where(out, 2 * k + 1, r + k)
+    total -= float(np.sum(np.log2(tables.pmfs[level][sym])))
+    total += out.sum() + _uint_bits(np.abs(r[out]) - k - 1)
+  return total
+
+
+# --------------------------------------------------------------------------
+# Fix lists: sorted element positions, gap-coded (Rice code with the
+# quotient under a geometric categorical), parameters derived from the count.
+
+
+def _rice_model(count: int, total: int):
+  """(k, quotient model) for `count` positions among `total`; integer and
+  IEEE-basic arithmetic only, so both sides derive the same model."""
+  mean_gap = max(1, (total - count) // max(count, 1))
+  k = min(20, max(0, _bit_length(np.int64(mean_gap * 45426 >> 16)).item() - 1))
+  survive = 1.0 - count / (total + 1.0)  # P(gap > g) ~ survive^g
+  theta = survive
+  for _ in range(k):
+    theta = theta * theta  # survive ** (2 ** k)
+  probs = np.empty(64)
+  p = 1.0 - theta
+  for q in range(63):
+    probs[q] = max(p, 1e-12)
+    p = p * theta
+  probs[63] = max(p / (1.0 - theta) if theta < 1.0 else 1.0, 1e-12)  # escape
+  return k, _model.Categorical(probs, perfect=False), _coded_pmf(probs)
+
+
+def _encode_positions(enc, positions: np.ndarray, total: int) -> float:
+  """Codes sorted unique positions in [0, total); returns their ideal bits."""
+  count = len(positions)
+  _encode_uints(enc, [count])
+  bits = _uint_bits([count])
+  if count == 0:
+    return bits
+  gaps = np.diff(positions, prepend=-1) - 1
+  k, model, probs = _rice_model(count, total)
+  quotients = gaps >> k
+  bits -= float(np.sum(np.log2(probs[np.minimum(quotients, 63)])))
+  _encode_group(enc, quotients, model, 0, 62)
+  big = quotients > 62
+  bits += big.sum() + _uint_bits(quotients[big] - 63) + k * count
+  if k:
+    rem = (gaps & ((1 << k) - 1)).astype(np.int32)
+    enc.encode(rem, _UNIFORM, np.full(count, 1 << k, np.int32))
+  return bits
+
+
+def _decode_positions(dec, total: int) -> np.ndarray:
+  (count,) = _decode_uints(dec, 1)
+  if count > total:
+    raise BitstreamError("corrupt stream (fix-list count)")
+  count = int(count)
+  if count == 0:
+    return np.zeros(0, np.int64)
+  k, model, _ = _rice_model(count, total)
+  quotients = _decode_group(dec, count, model, 0, 62)
+  if quotients.min() < 0 or quotients.max() > total:
+    raise BitstreamError("corrupt stream (fix-list gap)")
+  gaps = quotients << k
+  if k:
+    gaps = gaps + dec.decode(_UNIFORM, np.full(count, 1 << k, np.int32))
+  positions = np.cumsum(gaps + 1) - 1
+  if positions[-1] >= total:
+    raise BitstreamError("corrupt stream (fix-list position)")
+  return positions
+
+
+# --------------------------------------------------------------------------
+# Factorized-prior tables for hyper-latents.
+
+
+def _factorized_logits_np(x: np.ndarray, matrices, biases, factors) -> np.ndarray:
+  """entropy.factorized_logits_cumulative in deterministic float64.
+
+  x: (C, 1, N). Matrix products as explicit sums over the (tiny) inner
+  dimension in fixed order, instead of BLAS.
+  """
+  for i, (matrix, bias) in enumerate(zip(matrices, biases)):
+    m = _dsoftplus(matrix)  # (C, out, in)
+    acc = m[:, :, 0:1] * x[:, 0:1, :]
+    for j in range(1, m.shape[2]):
+      acc = acc + m[:, :, j:j + 1] * x[:, j:j + 1, :]
+    x = acc + bias
+    if i < len(factors):
+      x = x + _dtanh(factors[i]) * _dtanh(x)
+  return x
+
+
+@dataclasses.dataclass(frozen=True)
+class FactorizedTables:
+  """Per hyper-latent channel: support [lo, hi] (+ escape) and its model."""
+  lo: np.ndarray
+  hi: np.ndarray
+  models: tuple
+  pmfs: tuple
+
+
+def factorized_tables(prior_params: Mapping[str, Any]) -> FactorizedTables:
+  """Integer tables from a FactorizedPrior's parameters (host, float64)."""
+  layers_n = sum(1 for key in prior_params if key.startswith("matrix_"))
+  get = lambda name, n: [np.asarray(prior_params[f"{name}_{i}"], np.float64)
+                         for i in range(n)]
+  matrices, biases = get("matrix", layers_n), get("bias", layers_n)
+  factors = get("factor", layers_n - 1)
+  logits = lambda x: _factorized_logits_np(x, matrices, biases, factors)
+  c = matrices[0].shape[0]
+  # Bisection for the tail quantiles, where the cdf reaches tail / 2.
+  target = float(_dlog(TAIL_MASS / 2.0) - _dlog(1.0 - TAIL_MASS / 2.0))
+  bounds = []
+  for sign in (1.0, -1.0):
+    a, b = np.full(c, -2.0 ** 20), np.full(c, 2.0 ** 20)
+    for _ in range(64):
+      mid = 0.5 * (a + b)
+      below = sign * logits(mid[:, None, None])[:, 0, 0] < target
+      if sign > 0:
+        a, b = np.where(below, mid, a), np.where(below, b, mid)
+      else:
+        a, b = np.where(below, a, mid), np.where(below, mid, b)
+    bounds.append(0.5 * (a + b))
+  lo = np.floor(bounds[0] + 0.5).astype(np.int64)
+  hi = np.maximum(np.ceil(bounds[1] - 0.5).astype(np.int64), lo)
+  wide = hi - lo + 1 > MAX_HYPER_SUPPORT
+  mid = (lo + hi) // 2
+  lo = np.where(wide, mid - MAX_HYPER_SUPPORT // 2, lo)
+  hi = np.where(wide, lo + MAX_HYPER_SUPPORT - 1, hi)
+  models, pmfs = [], []
+  for ch in range(c):
+    v = np.arange(lo[ch], hi[ch] + 2, dtype=np.float64) - 0.5  # bin edges
+    f = _factorized_logits_np(v[None, None, :], [m[ch:ch + 1] for m in matrices],
+                              [b_[ch:ch + 1] for b_ in biases],
+                              [f_[ch:ch + 1] for f_ in factors])[0, 0]
+    lower, upper = f[:-1], f[1:]
+    flip = np.where(lower + upper > 0, -1.0, 1.0)  # difference in the tail
+    pmf = np.abs(_dsigmoid(flip * upper) - _dsigmoid(flip * lower))
+    escape = _dsigmoid(f[0]) + _dsigmoid(-f[-1])
+    pmf = np.append(pmf, escape)
+    models.append(_model.Categorical(pmf, perfect=False))
+    pmfs.append(_coded_pmf(pmf))
+  return FactorizedTables(lo, hi, tuple(models), tuple(pmfs))
+
+
+def _encode_hyper(z: np.ndarray, tables: FactorizedTables) -> tuple[bytes, float]:
+  """z (B, h, w, C) integers, channel by channel; (bytes, ideal bits)."""
+  enc = _queue.RangeEncoder()
+  bits = 0.0
+  for ch in range(z.shape[-1]):
+    values = z[..., ch].reshape(-1)
+    lo, hi = int(tables.lo[ch]), int(tables.hi[ch])
+    _encode_group(enc, values, tables.models[ch], lo, hi)
+    out = (values < lo) | (values > hi)
+    sym = np.where(out, hi - lo + 1, values - lo)
+    bits -= float(np.sum(np.log2(tables.pmfs[ch][sym])))
+    over = np.where(values[out] < lo, lo - 1 - values[out], values[out] - hi - 1)
+    bits += out.sum() + _uint_bits(over)
+  return _to_bytes(enc), bits
+
+
+def _decode_hyper(data: bytes, shape: tuple[int, ...],
+                  tables: FactorizedTables) -> np.ndarray:
+  dec = _queue.RangeDecoder(_to_words(data))
+  count = int(np.prod(shape[:-1]))
+  z = np.zeros(shape, np.int64)
+  for ch in range(shape[-1]):
+    z[..., ch] = _decode_group(dec, count, tables.models[ch], int(tables.lo[ch]),
+                               int(tables.hi[ch])).reshape(shape[:-1])
+  return z
+
+
+def _to_bytes(enc) -> bytes:
+  return np.asarray(enc.get_compressed(), "<u4").tobytes()
+
+
+def _to_words(data: bytes) -> np.ndarray:
+  if len(data) % 4:
+    raise BitstreamError("corrupt stream (length not a multiple of 4 bytes)")
+  return np.frombuffer(data, "<u4").astype(np.uint32)
+
+
+# --------------------------------------------------------------------------
+# Parameter networks (jax), compiled once per entropy model.
+
+
+def _m_h_a(m, y):
+  return m.h_a(y)
+
+
+def _m_static_features(m, z_hat, side, shape):
+  """The features of em.parameters that do not depend on y_hat, in order."""
+  b, h, w, _ = shape
+  features = []
+  if m.hyperprior:
+    features.append(m.h_s(z_hat)[:, :h, :w, :])
+  if m.side_channels:
+    if side is None:
+      side = jnp.zeros((b, h, w, m.side_channels), jnp.float32)
+    features.append(m.side_branch(side))
+  return features
+
+
+def _m_entropy_parameters(m, x):
+  return m.entropy_parameters(x)
+
+
+class _Programs:
+  """Jitted pieces of one entropy model (hashable flax module as the key)."""
+
+  def __init__(self, em: entropy_models.GaussianEntropyModel):
+    self.em = em
+    self.hyper = jax.jit(self._hyper)
+    self.params = jax.jit(self._params)
+    self.features = jax.jit(self._features, static_argnums=3)
+    self.serial = jax.jit(self._serial_fori, static_argnums=3)
+    self.wavefront_params = jax.jit(self._wavefront_params, static_argnums=4)
+    self.wavefront_scatter = jax.jit(self._wavefront_scatter, static_argnums=3)
+
+  def _hyper(self, v, y):
+    with jax.default_matmul_precision("highest"):
+      return ops.round_toward_zero_ties(self.em.apply(v, y, method=_m_h_a))
+
+  def _params(self, v, y_hat, z_hat, side):
+    with jax.default_matmul_precision("highest"):
+      return self.em.apply(v, y_hat, z_hat, side, method="parameters")
+
+  def _features(self, v, z_hat, side, shape):
+    with jax.default_matmul_precision("highest"):
+      features = self.em.apply(v, z_hat, side, shape, method=_m_static_features)
+    if not features:
+      return None
+    return jnp.concatenate(features, axis=-1)
+
+  def _wavefront_params(self, v, features, y_pad, t, shape):
+    """(scale, mean) (B, M, C) of wavefront t's slots, read from y_pad."""
+    rows_t, cols_t, _, _ = _wavefront_arrays(shape[1], shape[2])
+    rows, cols = jnp.asarray(rows_t)[t], jnp.asarray(cols_t)[t]
+    p = v["params"]["context_conv"]
+    mask = jnp.asarray(layers.causal_mask(5))[:, :, None, None]
+    d = jnp.arange(5)
+    with jax.default_matmul_precision("highest"):
+      patch = y_pad[:, rows[:, None, None] + d[None, :, None],
+                    cols[:, None, None] + d[None, None, :], :]  # (B, M, 5, 5, C)
+      context = jnp.einsum("bmuvc,uvco->bmo", patch, p["kernel"] * mask,
+                           precision=jax.lax.Precision.HIGHEST) + p["bias"]
+      parts = [] if features is None else [features[:, rows, cols, :]]
+      x = jnp.concatenate(parts + [context], axis=-1)[:, :, None, :]
+      scale, mean = self.em.apply(v, x, method=_m_entropy_parameters)
+    return scale[:, :, 0, :], mean[:, :, 0, :]
+
+  def _wavefront_scatter(self, y_pad, t, values, shape):
+    _, _, rows_t, cols_t = _wavefront_arrays(shape[1], shape[2])
+    rows, cols = jnp.asarray(rows_t)[t], jnp.asarray(cols_t)[t]
+    return y_pad.at[:, rows, cols, :].set(values)
+
+  def _serial_fori(self, v, features, token, shape):
+    b, h, w, c = shape
+    steps, slots = _wavefront_arrays(h, w)[0].shape
+
+    def body(t, y_pad):
+      scale, mean = self._wavefront_params(v, features, y_pad, t, shape)
+      values = io_callback(_host_wavefront, jax.ShapeDtypeStruct((b, slots, c),
+                                                                  jnp.float32),
+                           token, t, scale, mean, ordered=True)
+      return self._wavefront_scatter(y_pad, t, values, shape)
+
+    y_pad = jnp.zeros((b, h + 4, w + 4, c), jnp.float32)
+    y_pad = jax.lax.fori_loop(0, steps, body, y_pad)
+    return y_pad[:, 2:h + 2, 2:w + 2, :]
+
+
+@functools.lru_cache(maxsize=16)
+def _programs(em) -> _Programs:
+  return _Programs(em)
+
+
+@functools.lru_cache(maxsize=16)
+def _wavefront_arrays(h: int, w: int):
+  """Slots of the wavefronts t = 3 i + j, ordered by i within a wavefront.
+
+  Returns (rows, cols) to gather from the 2-padded latent (i, j of the slot;
+  0, 0 for empty slots) and (rows, cols) to scatter into it (i + 2, j + 2;
+  the padding corner 0, 0 for empty slots, which receive zeros).
+  """
+  i, j = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+  t = (3 * i + j).reshape(-1)
+  steps = 3 * (h - 1) + w
+  order = np.lexsort((i.reshape(-1), t))
+  counts = np.bincount(t, minlength=steps)
+  slots = int(counts.max())
+  slot = np.arange(h * w) - np.repeat(np.cumsum(counts) - counts, counts)
+  rows = np.zeros((steps, slots), np.int32)
+  cols = np.zeros((steps, slots), np.int32)
+  valid = np.zeros((steps, slots), bool)
+  rows[t[order], slot] = i.reshape(-1)[order]
+  cols[t[order], slot] = j.reshape(-1)[order]
+  valid[t[order], slot] = True
+  return rows, cols, np.where(valid, rows + 2, 0), np.where(valid, cols + 2, 0)
+
+
+def _wavefront_valid(h: int, w: int) -> np.ndarray:
+  _, _, rows, _ = _wavefront_arrays(h, w)
+  return rows > 0
+
+
+# --------------------------------------------------------------------------
+# Host-side decoder of a "y" stream.
+
+_SESSIONS: dict[int, "_YDecoder"] = {}
+_SESSION_IDS = itertools.count(1)
+_SESSION_LOCK = threading.Lock()
+
+
+def _host_wavefront(token, t, scale, mean):
+  return _SESSIONS[int(token)].wavefront(int(t), np.asarray(scale),
+                                         np.asarray(mean))
+
+
+class _YDecoder:
+  """Decodes residuals pass by pass from a "y" stream, given parameters."""
+
+  def __init__(self, data: bytes, shape: tuple[int, ...],
+               param_transform: ParamTransform | None):
+    self.shape = shape
+    self.total = int(np.prod(shape))
+    self.dec = _queue.RangeDecoder(_to_words(data))
+    self.listed_scale = np.zeros(self.total, bool)
+    self.listed_centre = np.zeros(self.total, bool)
+    self.listed_scale[_decode_positions(self.dec, self.total)] = True
+    self.listed_centre[_decode_positions(self.dec, self.total)] = True
+    self.param_transform = param_transform
+    self.error: BaseException | None = None
+
+  def decode(self, flat: np.ndarray, scale: np.ndarray,
+             mean: np.ndarray) -> np.ndarray:
+    """Values of elements `flat` (raster indices, ascending) of one pass."""
+    scale = scale.reshape(-1)
+    mean = mean.reshape(-1)
+    if self.param_transform is not None:
+      scale, mean = self.param_transform(scale, mean, flat)
+    idx = scale_index(scale, self.listed_scale[flat])
+    c = centre(mean, self.listed_centre[flat])
+    values = _decode_residuals(self.dec, idx) + c
+    if np.abs(values).max(initial=0) > MAX_ABS_VALUE:
+      raise BitstreamError("corrupt stream (value out of range)")
+    return values
+
+  def wavefront(self, t: int, scale: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """Serial-context step: values (B, M, C) of wavefront t's slots."""
+    b, h, w, c = self.shape
+    out = np.zeros(scale.shape, np.float32)
+    if self.error is not None:
+      return out
+    try:
+      rows, cols, _, _ = _wavefront_arrays(h, w)
+      valid = _wavefront_valid(h, w)[t]
+      pos = rows[t][valid].astype(np.int64) * w + cols[t][valid]
+      flat = ((np.arange(b)[:, None, None] * (h * w) + pos[None, :, None]) * c
+              + np.arange(c)[None, None, :]).reshape(-1)
+      values = self.decode(flat, scale[:, valid], mean[:, valid])
+      out[:, valid] = values.reshape(b, -1, c).astype(np.float32)
+    except BaseException as e:  # re-raised after the loop
+      self.error = e
+    return out
+
+
+# --------------------------------------------------------------------------
+# Latent level.
+
+
+def _check_latent(y_int: np.ndarray) -> None:
+  if not np.all(np.abs(y_int) <= MAX_ABS_VALUE):
+    raise ValueError("latent values beyond +-2^31 cannot be coded")
+
+
+def _round_to_int(x) -> np.ndarray:
+  x = np.asarray(x, np.float64)
+  if not np.all(np.isfinite(x)):
+    raise ValueError("cannot code a latent with non-finite values")
+  values = np.clip(x, -2.0 * MAX_ABS_VALUE, 2.0 * MAX_ABS_VALUE).astype(np.int64)
+  _check_latent(values)
+  return values
+
+
+def hyper_shape(em, em_variables, latent_shape) -> tuple[int, ...]:
+  """Shape of z for a latent of `latent_shape` (hyperprior models)."""
+  spec = jax.ShapeDtypeStruct(tuple(latent_shape), jnp.float32)
+  return tuple(jax.eval_shape(lambda y: em.apply(em_variables, y, method=_m_h_a),
+                              spec).shape)
+
+
+def pass_ids(em, shape: tuple[int, ...]) -> np.ndarray:
+  """Decoding pass of every element (raster order), as the decoder runs them."""
+  b, h, w, c = shape
+  i, j = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+  if em.context == "serial":
+    per_position = 3 * i + j
+  elif em.context == "checkerboard":
+    per_position = (i + j) % 2
+  else:
+    per_position = np.zeros_like(i)
+  return np.broadcast_to(per_position[None, :, :, None], shape).reshape(-1)
+
+
+def encode_latent(em, em_variables, y, side=None, *, tol: float = DEFAULT_TOL,
+                  param_transform: ParamTransform | None = None
+                  ) -> tuple[dict[str, bytes], dict[str, Any]]:
+  """Entropy-codes a latent y (B, H, W, C) under a GaussianEntropyModel.
+
+  Args:
+    em: the (unbound) GaussianEntropyModel.
+    em_variables: its variables ({"params": ...}).
+    y: the unquantized latent; it is rounded as the model rounds it.
+    side: side information for conditional models (None = zeros).
+    tol: bound on the decoder's parameter deviation (relative for the scale,
+      relative/absolute for the mean) that the fix lists cover; encoder-only.
+    param_transform: testing hook applied to the host copies of (scale, mean)
+      with their raster indices, as if another backend had computed them.
+
+  Returns:
+    streams {"hyper" (hyperprior models), "y"} and info: bits per stream,
+    ideal bits ("ideal_bits"), side-information bits, list sizes, escapes,
+    y_hat (the quantized latent the decoder will return).
+  """
+  progs = _programs(em)
+  y = jnp.asarray(y, jnp.float32)
+  shape = tuple(y.shape)
+  y_hat = ops.round_toward_zero_ties(y)
+  y_int = _round_to_int(y_hat).reshape(-1)
+  streams, info = {}, {"ideal_bits": {}}
+  z_hat = None
+  if em.hyperprior:
+    z_int = _round_to_int(progs.hyper(em_variables, y))
+    tables = factorized_tables(em_variables["params"]["z_prior"])
+    streams["hyper"], info["ideal_bits"]["hyper"] = _encode_hyper(z_int, tables)
+    z_hat = jnp.asarray(z_int, jnp.float32)
+  scale, mean = progs.params(em_variables, y_hat, z_hat, side)
+  scale = np.asarray(scale, np.float32).reshape(-1)
+  mean = np.asarray(mean, np.float32).reshape(-1)
+  flat = np.arange(y_int.size)
+  if param_transform is not None:
+    scale, mean = param_transform(scale, mean, flat)
+  listed_scale, listed_centre = boundary_flags(scale, mean, tol)
+  idx = scale_index(scale, listed_scale)
+  residuals = y_int - centre(mean, listed_centre)
+  enc = _queue.RangeEncoder()
+  side_bits = _encode_positions(enc, np.flatnonzero(listed_scale), y_int.size)
+  side_bits += _encode_positions(enc, np.flatnonzero(listed_centre), y_int.size)
+  passes = pass_ids(em, shape)
+  order = np.argsort(passes, kind="stable")
+  bounds = np.flatnonzero(np.diff(passes[order], prepend=-1, append=-2))
+  escapes = 0
+  for a, b in zip(bounds[:-1], bounds[1:]):
+    sel = order[a:b]
+    escapes += _encode_residuals(enc, residuals[sel], idx[sel])
+  streams["y"] = _to_bytes(enc)
+  info["ideal_bits"]["y"] = side_bits + table_bits(residuals, idx)
+  info.update(
+      bits={k: 8 * len(v) for k, v in streams.items()},
+      side_bits=side_bits,
+      listed={"scale": int(listed_scale.sum()), "centre": int(listed_centre.sum())},
+      escapes=escapes, symbols=int(y_int.size), y_hat=y_hat, z_hat=z_hat)
+  return streams, info
+
+
+def decode_latent(em, em_variables, streams: Mapping[str, bytes],
+                  latent_shape, side=None, *,
+                  param_transform: ParamTransform | None = None,
+                  schedule: str = "fori") -> jax.Array:
+  """Decodes the latent y_hat (float32, integer-valued) of `latent_shape`.
+
+  Args mirror encode_latent; `schedule` picks the serial-context loop:
+  "fori" (one compiled lax.fori_loop with an io_callback per wavefront) or
+  "python" (a Python loop over wavefronts calling jitted steps).
+
+  Raises:
+    BitstreamError: missing or malformed streams.
+  """
+  if schedule not in SCHEDULES:
+    raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
+  shape = tuple(int(s) for s in latent_shape)
+  if len(shape) != 4 or shape[-1] != em.channels or min(shape) < 1:
+    raise ValueError(f"latent shape {shape} does not fit a model of "
+                     f"{em.channels} channels")
+  progs = _programs(em)
+  needed = ("hyper", "y") if em.hyperprior else ("y",)
+  missing = [n for n in needed if n not in streams]
+  if missing:
+    raise BitstreamError(f"missing stream(s) {', '.join(missing)}")
+  z_hat = None
+  if em.hyperprior:
+    tables = factorized_tables(em_variables["params"]["z_prior"])
+    z_shape = hyper_shape(em, em_variables, shape)
+    z_hat = jnp.asarray(_decode_hyper(streams["hyper"], z_shape, tables),
+                        jnp.float32)
+  host = _YDecoder(streams["y"], shape, param_transform)
+  if em.context == "serial":
+    return _decode_serial(progs, em_variables, host, z_hat, side, shape, schedule)
+  y_hat = np.zeros(shape, np.float32)
+  passes = pass_ids(em, shape)
+  for p in range(int(passes.max()) + 1):
+    scale, mean = progs.params(em_variables, jnp.asarray(y_hat), z_hat, side)
+    flat = np.flatnonzero(passes == p)
+    values = host.decode(flat, np.asarray(scale).reshape(-1)[flat],
+                         np.asarray(mean).reshape(-1)[flat])
+    y_hat.reshape(-1)[flat] = values
+  return jnp.asarray(y_hat)
+
+
+def _decode_serial(progs: _Programs, v, host: _YDecoder, z_hat, side, shape,
+                   schedule: str) -> jax.Array:
+  features = progs.features(v, z_hat, side, shape)
+  if schedule == "python":
+    y_pad = jnp.zeros((shape[0], shape[1] + 4, shape[2] + 4, shape[3]))
+    for t in range(3 * (shape[1] - 1) + shape[2]):
+      scale, mean = progs.wavefront_params(v, features, y_pad, t, shape)
+      values = host.wavefront(t, np.asarray(scale), np.asarray(mean))
+      if host.error is not None:
+        raise host.error
+      y_pad = progs.wavefront_scatter(y_pad, t, values, shape)
+    return y_pad[:, 2:shape[1] + 2, 2:shape[2] + 2, :]
+  with _SESSION_LOCK:
+    token = next(_SESSION_IDS)
+    _SESSIONS[token] = host
+  try:
+    y_hat = progs.serial(v, features, jnp.int32(token), shape)
+    y_hat.block_until_ready()
+  finally:
+    with _SESSION_LOCK:
+      del _SESSIONS[token]
+  if host.error is not None:
+    raise host.error
+  return y_hat
+
+
+# --------------------------------------------------------------------------
+# Scalable (layered) coding: "base" decodes alone, "enhancement" adds to it.
+
+
+def encode_scalable(base_em, base_variables, y_base, enhancement_em=None,
+                    enhancement_variables=None, y_enhancement=None, *,
+                    tol: float = DEFAULT_TOL
+                    ) -> tuple[dict[str, bytes], dict[str, Any]]:
+  """Streams {"base", "enhancement"}: each the joined streams of one layer.
+
+  The enhancement model is conditioned on the decoded base latent (its side
+  information), so it needs the base to decode; the base needs nothing.
+  """
+  base, base_info = encode_latent(base_em, base_variables, y_base, tol=tol)
+  streams = {"base": bitstream.join_streams(base)}
+  info = {"base": base_info}
+  if enhancement_em is not None:
+    enh, enh_info = encode_latent(enhancement_em, enhancement_variables,
+                                  y_enhancement, side=base_info["y_hat"],
+                                  tol=tol)
+    streams["enhancement"] = bitstream.join_streams(enh)
+    info["enhancement"] = enh_info
+  return streams, info
+
+
+def decode_scalable(base_em, base_variables, streams: Mapping[str, bytes],
+                    base_shape, enhancement_em=None, enhancement_variables=None,
+                    enhancement_shape=None) -> tuple[jax.Array, jax.Array | None]:
+  """(base y_hat, enhancement y_hat or None when absent or not asked for)."""
+  if "base" not in streams:
+    raise BitstreamError("missing stream base")
+  y_base = decode_latent(base_em, base_variables,
+                         bitstream.split_streams(streams["base"]), base_shape)
+  if enhancement_em is None or "enhancement" not in streams:
+    return y_base, None
+  y_enh = decode_latent(enhancement_em, enhancement_variables,
+                        bitstream.split_streams(streams["enhancement"]),
+                        enhancement_shape, side=y_base)
+  return y_base, y_enh
+
+
+# --------------------------------------------------------------------------
+# Image level: ImageCodec files.
+
+
+def image_entropy_model(model) -> tuple[entropy_models.GaussianEntropyModel, Callable]:
+  """ImageCodec's entropy model as a standalone module, and a function
+  mapping the codec's variables to the entropy model's."""
+  em = entropy_models.make_entropy_model(model.entropy_model,
+                                         model.latent_channels, model.quantizer,
+                                         model.hyper_channels)
+  return em, lambda variables: {"params": variables["params"]["em"]}
+
+
+def config_string(model) -> str:
+  """The module's dataclass fields, for the fingerprint."""
+  fields = [f"{f.name}={getattr(model, f.name)!r}"
+            for f in dataclasses.fields(model) if f.name not in ("parent", "name")]
+  return f"{type(model).__name__}({', '.join(fields)})"
+
+
+def model_fingerprint(model, variables) -> bytes:
+  return bitstream.fingerprint(variables, config_string(model))
+
+
+def _m_g_a(m, x):
+  return m.g_a(x)
+
+
+def _m_g_s(m, y):
+  return m.g_s(y)
+
+
+@functools.lru_cache(maxsize=8)
+def _image_programs(model):
+  def analysis(v, x):
+    padded, _ = ops.pad_to_multiple(x, 16)
+    return model.apply(v, padded, method=_m_g_a)
+
+  def synthesis(v, y_hat, size):
+    return ops.crop(model.apply(v, y_hat, method=_m_g_s), size)
+
+  return jax.jit(analysis), jax.jit(synthesis, static_argnums=2)
+
+
+def _as_image(image) -> jax.Array:
+  x = np.asarray(image)
+  if x.ndim == 3:
+    x = x[None]
+  if x.ndim != 4 or x.shape[0] != 1 or x.shape[-1] != 3:
+    raise ValueError(f"expected one RGB image (H, W, 3) or (1, H, W, 3), "
+                     f"got shape {x.shape}")
+  if x.dtype == np.uint8:
+    x = x.astype(np.float32) / 255.0
+  return jnp.asarray(x, jnp.float32)
+
+
+def latent_shape(model, height: int, width: int) -> tuple[int, int, int, int]:
+  d = 16
+  return (1, -(-height // d), -(-width // d), model.latent_channels)
+
+
+def encode_image(model, variables, image, *, tol: float = DEFAULT_TOL
+                 ) -> tuple[bytes, dict[str, Any]]:
+  """compress, also returning encode_latent's info (plus the file's size)."""
+  x = _as_image(image)
+  analysis, _ = _image_programs(model)
+  em, em_vars = image_entropy_model(model)
+  streams, info = encode_latent(em, em_vars(variables), analysis(variables, x),
+                                tol=tol)
+  data = bitstream.pack(streams, model_fingerprint(model, variables),
+                        x.shape[1:3])
+  info["file_bits"] = 8 * len(data)
+  info["header_bits"] = 8 * (len(data) - sum(len(s) for s in streams.values()))
+  return data, info
+
+
+def compress(model, variables, image, *, tol: float = DEFAULT_TOL) -> bytes:
+  """One image (uint8 or float in [0, 1], (H, W, 3) or (1, H, W, 3)) to bytes.
+
+  Deterministic: the same input, model and variables give the same bytes.
+  """
+  return encode_image(model, variables, image, tol=tol)[0]
+
+
+def decompress(model, variables, data: bytes) -> tuple[jax.Array, dict[str, Any]]:
+  """Decodes a `compress` file: (x_hat (1, H, W, 3) float, unclipped; info).
+
+  Raises:
+    BitstreamError: the file is corrupt, truncated, not ours, or was
+      written by another model (checked before any model computation).
+  """
+  em, em_vars = image_entropy_model(model)
+  needed = ("hyper", "y") if em.hyperprior else ("y",)
+  header, streams = bitstream.unpack(data, model_fingerprint(model, variables),
+                                     required=needed)
+  shape = latent_shape(model, header.height, header.width)
+  y_hat = decode_latent(em, em_vars(variables), streams, shape)
+  _, synthesis = _image_programs(model)
+  x_hat = synthesis(variables, y_hat, (header.height, header.width))
+  bits = 8 * len(data)
+  return x_hat, {"height": header.height, "width": header.width, "bits": bits,
+                 "bpp": bits / (header.height * header.width),
+                 "stream_bytes": dict(header.stream_lengths),
+                 "header_bytes": header.header_bytes, "y_hat": y_hat}

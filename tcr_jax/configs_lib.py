@@ -1,0 +1,131 @@
+"""Shared pieces of the experiment configs (configs/*.py).
+
+A config file calls `experiment_config(name, enhancement_task, arg)`; `arg`
+picks a variant, big_vision style:
+
+  ""          the paper's settings on Cityscapes (config.data.name)
+  "synthetic" the embedded synthetic scenes, sized for a laptop CPU
+  "smoke"     tiny everything, for tests (a few seconds per stage)
+
+Every hyper-parameter of DESIGN.md section 2 is a field here.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+VARIANTS = ("", "synthetic", "smoke")
+
+
+def experiment_config(experiment: str, enhancement_task: str,
+                      arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = (arg or "").strip()
+  if arg not in VARIANTS:
+    raise ValueError(f"unknown config variant {arg!r}; expected one of "
+                     f"{', '.join(repr(v) for v in VARIANTS)}")
+  c = ml_collections.ConfigDict()
+  c.experiment = experiment
+  c.variant = arg or "paper"
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "cityscapes"
+  c.data.data_dir = ""
+  c.data.height = 1024
+  c.data.width = 2048
+  c.data.eval_images = 500  # Cityscapes validation
+  c.data.hflip = True
+  c.data.color_jitter = 0.5  # brightness, contrast, saturation
+
+  # Base layer: depth (LRASPP MobileNetV3-L) from a half-resolution codec.
+  c.model = ml_collections.ConfigDict()
+  c.model.latent_channels = 192
+  c.model.widths = (24, 48, 192)
+  c.model.analysis_blocks = 3
+  c.model.task_blocks = 1      # g_s blocks in front of a task model
+  c.model.recon_blocks = 3     # g_s blocks for reconstruction
+  c.model.hyper_channels = 128
+  c.model.quantizer = "ste"    # or "noise"
+  c.model.compute_dtype = "float32"  # or "bfloat16" for the transforms
+  c.entropy_model = "hyperprior"     # hyperprior | context | checkerboard
+  c.enhancement_context = "serial"   # serial (authors) | none | checkerboard
+
+  c.task = ml_collections.ConfigDict()
+  c.task.base = "depth"
+  c.task.enhancement = enhancement_task  # reconstruction | segmentation
+  c.task.num_classes = 20    # 19 Cityscapes train ids + 1 ignore class
+  c.task.ignore_index = 19
+  c.task.disparity_scale = 128.0
+
+  # The sweep: every alpha x method gives a base model (baseline: beta 0,
+  # proposal: beta), a conditional enhancement on it, and per alpha one
+  # standalone enhancement (side information zeroed).
+  c.sweep = ml_collections.ConfigDict()
+  c.sweep.alphas = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+  c.sweep.methods = ("baseline", "proposal")
+  c.sweep.beta = 0.01
+  c.sweep.standalone = True
+  # L_e = alpha_e * (bpp_b + bpp_e) + D_e; None: the base alpha.
+  c.sweep.enhancement_alpha_scale = 10.0 if enhancement_task == "reconstruction" else 1.0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 10
+  c.train.learning_rate = 1e-4
+  c.train.base_steps = 100_000
+  c.train.enhancement_steps = 100_000
+  c.train.base_grad_clip = 0.0          # 0: none (the authors')
+  c.train.enhancement_grad_clip = 1.0
+  c.train.log_every = 100
+  c.train.checkpoint_every = 1000
+  c.train.eval_every = 5000
+  c.train.eval_images_during_training = 50
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 10
+  c.eval.previews = 4
+
+  # Optional starting points: orbax checkpoints written by
+  # `tcr-jax import-torchvision` (ImageNet backbones or task weights).
+  c.init = ml_collections.ConfigDict()
+  c.init.depth_head = ""
+  c.init.segmentation_head = ""
+
+  if arg == "synthetic":
+    c.data.name = "synthetic"
+    c.data.height, c.data.width = 128, 256
+    c.data.eval_images = 32
+    c.model.latent_channels = 64
+    c.model.widths = (16, 32, 64)
+    c.model.analysis_blocks = 1
+    c.model.recon_blocks = 1
+    c.model.hyper_channels = 32
+    c.sweep.alphas = (0.02, 0.1, 0.5)
+    c.train.batch_size = 8
+    c.train.learning_rate = 1e-3
+    c.train.base_steps = 150
+    c.train.enhancement_steps = 100
+    c.train.log_every = 50
+    c.train.checkpoint_every = 50
+    c.train.eval_every = 50
+    c.train.eval_images_during_training = 16
+    c.eval.batch_size = 16
+  elif arg == "smoke":
+    c.data.name = "synthetic"
+    c.data.height, c.data.width = 32, 64
+    c.data.eval_images = 4
+    c.model.latent_channels = 8
+    c.model.widths = (4, 6, 8)
+    c.model.analysis_blocks = 1
+    c.model.recon_blocks = 1
+    c.model.hyper_channels = 4
+    c.sweep.alphas = (0.01, 0.1)
+    c.train.batch_size = 4
+    c.train.learning_rate = 1e-3
+    c.train.base_steps = 6
+    c.train.enhancement_steps = 4
+    c.train.log_every = 2
+    c.train.checkpoint_every = 2
+    c.train.eval_every = 2
+    c.train.eval_images_during_training = 4
+    c.eval.batch_size = 4
+    c.eval.previews = 2
+  return c

@@ -1,0 +1,211 @@
+"""Rate-distortion reporting: BD-rate, RD plots, previews.
+
+`bd_rate` implements Bjontegaard's delta rate two ways:
+  "cubic"  the authors' (and Bjontegaard's VCEG-M33) method: log-rate as a
+           cubic polynomial of quality fitted by least squares (degree
+           n - 1 when fewer than four points), integrated over the overlap;
+  "pchip"  piecewise cubic Hermite interpolation of log-rate over quality
+           (the monotone interpolation JVET's tools use; scipy's
+           Fritsch-Carlson derivative choice), integrated over the overlap.
+Both return percent: negative means the test needs less rate than the
+anchor for the same quality. Where the quality ranges do not overlap there
+is no number: None is returned and the report says so.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Sequence
+
+import numpy as np
+
+METHODS = ("cubic", "pchip")
+
+
+def _prepare(rate, quality, higher_is_better):
+  r = np.asarray(rate, np.float64)
+  q = np.asarray(quality, np.float64)
+  if r.shape != q.shape or r.ndim != 1:
+    raise ValueError("rate and quality must be 1-D sequences of equal length")
+  if np.any(r <= 0) or not np.all(np.isfinite(r)) or not np.all(np.isfinite(q)):
+    raise ValueError("rates must be positive and finite, qualities finite")
+  if not higher_is_better:
+    q = -q
+  order = np.argsort(q)
+  q, lr = q[order], np.log(r[order])
+  # Equal qualities: average their log-rates (interpolation needs distinct x).
+  uq, inv = np.unique(q, return_inverse=True)
+  ulr = np.bincount(inv, weights=lr) / np.bincount(inv)
+  return uq, ulr
+
+
+def _integral(q, lr, lo, hi, method):
+  if method == "cubic":
+    deg = min(3, len(q) - 1)
+    poly = np.polynomial.Polynomial.fit(q, lr, deg).convert()
+    antider = poly.integ()
+    return antider(hi) - antider(lo)
+  from scipy.interpolate import PchipInterpolator
+  return PchipInterpolator(q, lr).integrate(lo, hi)
+
+
+def bd_rate(rate_anchor: Sequence[float], quality_anchor: Sequence[float],
+            rate_test: Sequence[float], quality_test: Sequence[float],
+            method: str = "cubic", higher_is_better: bool = True
+            ) -> float | None:
+  """Bjontegaard delta rate of test against anchor, in percent.
+
+  Args:
+    rate_anchor, quality_anchor: the anchor's RD points (e.g. bpp, PSNR).
+    rate_test, quality_test: the test's RD points.
+    method: "cubic" or "pchip".
+    higher_is_better: False for distortions such as depth RMSE.
+
+  Returns:
+    percent rate difference at equal quality, or None where the two quality
+    ranges do not overlap (or a curve has fewer than two distinct points).
+  """
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+  qa, la = _prepare(rate_anchor, quality_anchor, higher_is_better)
+  qt, lt = _prepare(rate_test, quality_test, higher_is_better)
+  if len(qa) < 2 or len(qt) < 2:
+    return None
+  lo, hi = max(qa[0], qt[0]), min(qa[-1], qt[-1])
+  if not hi > lo:
+    return None
+  avg = (_integral(qt, lt, lo, hi, method) - _integral(qa, la, lo, hi, method)) / (hi - lo)
+  return float((math.exp(avg) - 1.0) * 100.0)
+
+
+# --------------------------------------------------------------------------
+# Reports from results.json records.
+
+
+def _curve(records, layer, method, rate_fn, quality_key):
+  pts = [(rate_fn(r), r[quality_key]) for r in records
+         if r["layer"] == layer and r["method"] == method
+         and r.get(quality_key) is not None and rate_fn(r) is not None]
+  pts.sort()
+  return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _total_rate(r):
+  if r.get("bpp_enhancement") is None:
+    return None
+  return (r.get("bpp_base") or 0.0) + r["bpp_enhancement"]
+
+
+def comparisons(records: list[dict]) -> list[dict]:
+  """The paper's comparisons: (title, anchor, test, curves, flags)."""
+  enh_key = "psnr" if any(r.get("psnr") is not None for r in records
+                          if r["layer"] == "enhancement") else "miou"
+  enh_label = "PSNR (dB)" if enh_key == "psnr" else "mIoU"
+  base_rate = lambda r: r.get("bpp_base")
+  rows = [
+      ("base task: depth RMSE (px) vs base bpp", "base", base_rate,
+       "depth_rmse", False, "baseline", "proposal", "rd_base_task.png"),
+      ("reconstruction from the base: PSNR (dB) vs base bpp", "base",
+       base_rate, "psnr_from_base", True, "baseline", "proposal",
+       "rd_base_reconstruction.png"),
+      (f"enhancement: {enh_label} vs total bpp (base + enhancement)",
+       "enhancement", _total_rate, enh_key, True, "baseline", "proposal",
+       "rd_enhancement.png"),
+      (f"enhancement: {enh_label} vs total bpp, conditional vs standalone",
+       "enhancement", _total_rate, enh_key, True, "standalone", "baseline",
+       "rd_enhancement.png"),
+      (f"enhancement: {enh_label} vs total bpp, conditional vs standalone",
+       "enhancement", _total_rate, enh_key, True, "standalone", "proposal",
+       "rd_enhancement.png"),
+  ]
+  out = []
+  for title, layer, rate_fn, key, hib, anchor, test, plot in rows:
+    ra, qa = _curve(records, layer, anchor, rate_fn, key)
+    rt, qt = _curve(records, layer, test, rate_fn, key)
+    if not ra or not rt:
+      continue
+    out.append(dict(title=title, layer=layer, key=key, higher_is_better=hib,
+                    anchor=anchor, test=test, anchor_curve=(ra, qa),
+                    test_curve=(rt, qt), plot=plot,
+                    bd={m: bd_rate(ra, qa, rt, qt, m, hib) for m in METHODS}))
+  return out
+
+
+def _fmt_bd(v):
+  return "no overlap" if v is None else f"{v:+.2f}%"
+
+
+def write_report(records: list[dict], workdir: str, experiment: str) -> str:
+  """Writes bd_rate.md and rd_*.png into workdir; returns the markdown."""
+  comps = comparisons(records)
+  lines = [f"# BD-rate, {experiment}", "",
+           "Negative: the test needs less rate than the anchor for the same "
+           "quality. Rates are estimated bits per full-resolution pixel.", "",
+           "| comparison | anchor | test | points | BD-rate (cubic) | BD-rate (PCHIP) |",
+           "| --- | --- | --- | --- | --- | --- |"]
+  for c in comps:
+    lines.append(f"| {c['title']} | {c['anchor']} | {c['test']} | "
+                 f"{len(c['anchor_curve'][0])}/{len(c['test_curve'][0])} | "
+                 f"{_fmt_bd(c['bd']['cubic'])} | {_fmt_bd(c['bd']['pchip'])} |")
+  text = "\n".join(lines) + "\n"
+  with open(os.path.join(workdir, "bd_rate.md"), "w") as f:
+    f.write(text)
+  _plots(records, comps, workdir, experiment)
+  return text
+
+
+def _plots(records, comps, workdir, experiment):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  by_plot: dict[str, list[dict]] = {}
+  for c in comps:
+    by_plot.setdefault(c["plot"], []).append(c)
+  for plot, cs in by_plot.items():
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    drawn = set()
+    for c in cs:
+      for method, (r, q) in ((c["anchor"], c["anchor_curve"]),
+                             (c["test"], c["test_curve"])):
+        if method in drawn:
+          continue
+        drawn.add(method)
+        ax.plot(r, q, "o-", label=method)
+    ax.set_xlabel("bpp" + (" (base + enhancement)" if cs[0]["layer"] == "enhancement" else " (base)"))
+    ax.set_ylabel(cs[0]["key"].replace("_", " "))
+    ax.set_title(f"{experiment}: {cs[0]['title'].split(':')[0]}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, plot), dpi=110)
+    plt.close(fig)
+
+
+def save_preview(path: str, base_out: dict, enh_out: dict, task: str) -> None:
+  """Rows of: input, disparity, reconstruction read off the base, enhancement."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  n = len(base_out["image"])
+  fig, axes = plt.subplots(n, 4, figsize=(12, 1.9 * n + 0.4), squeeze=False)
+  titles = ("input", "disparity (base task)", "reconstruction from base",
+            "enhancement" + (" (segmentation)" if task == "segmentation" else ""))
+  for i in range(n):
+    enh = enh_out.get("x_hat", enh_out.get("segmentation"))[i]
+    if task == "segmentation":
+      from tcr_jax.data.synthetic import CITYSCAPES_PALETTE
+      palette = np.concatenate([CITYSCAPES_PALETTE, np.zeros((256 - 19, 3), np.uint8)])
+      enh = palette[np.asarray(enh).astype(np.int64)]
+    panels = (base_out["image"][i], base_out["disparity"][i],
+              np.clip(base_out["x_rec"][i], 0, 1),
+              np.clip(enh, 0, 1) if task != "segmentation" else enh)
+    for j, img in enumerate(panels):
+      ax = axes[i, j]
+      ax.imshow(img, cmap="magma" if j == 1 else None)
+      ax.axis("off")
+      if i == 0:
+        ax.set_title(titles[j], fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)

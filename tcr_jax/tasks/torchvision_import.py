@@ -1,0 +1,465 @@
+"""Import torchvision weights into the Flax task models, and write them as
+orbax checkpoints (`tcr-jax import-torchvision`).
+
+    module, variables = load_torchvision("deeplabv3_resnet50", state_dict)
+    outputs = module.apply(variables, images_nhwc, train=False)
+
+`state_dict` maps torchvision's parameter names to numpy arrays or torch
+tensors (torch itself is only imported to read .pth files). Archs:
+
+  lraspp_mobilenet_v3_large  LRASPPMobileNetV3: {"out"}
+  deeplabv3_resnet50         DeepLabV3ResNet50: {"out", "aux" if aux_loss}
+  mobilenet_v3_large         an ImageNet classifier's state_dict, loaded as
+                             the dilated LRASPP backbone: {"low", "high"}
+  resnet50                   an ImageNet classifier's state_dict, loaded as
+                             the dilated DeepLabV3 backbone: {"aux", "out"}
+
+The ImageNet classifiers' `classifier.*` / `fc.*` keys are dropped (logged).
+With `num_classes` different from the checkpoint's, the class-dependent
+head layers are initialised afresh (PRNGKey(0)): `load_torchvision` warns,
+`load_torchvision_report` returns their names. A missing, unexpected or
+mis-shaped key is a UserError naming each of them.
+`backbone_to_segmentation_variables` puts an imported backbone into a
+freshly initialised segmentation model (the paper starts from ImageNet).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import warnings
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from tcr_jax.errors import UserError
+from tcr_jax.tasks import deeplabv3, lraspp, mobilenetv3, resnet
+
+Leaf = tuple[tuple[str, ...], str, str]  # (flax path, torch module, kind)
+
+# Per kind: (torch suffix, flax collection, flax name), and whether the
+# torch tensor is a conv weight to transpose from (O, I, kh, kw).
+_KIND_ENTRIES = {
+    "conv": ((".weight", "params", "kernel"),),
+    "conv_bias": ((".weight", "params", "kernel"), (".bias", "params", "bias")),
+    "bn": ((".weight", "params", "scale"), (".bias", "params", "bias"),
+           (".running_mean", "batch_stats", "mean"),
+           (".running_var", "batch_stats", "var")),
+}
+_OPTIONAL_BN_SUFFIX = ".num_batches_tracked"
+_CHECKPOINT_META = "tcr_jax_task.json"
+_CHECKPOINT_ITEM = "variables"
+_MAX_LISTED = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class _Arch:
+  """How one torchvision architecture maps onto a Flax module."""
+  build: Callable[[int, bool], nn.Module]
+  leaves: Callable[[bool], list[Leaf]]
+  classes_key: str | None = None      # tensor whose shape[0] is num_classes
+  class_layers: tuple[str, ...] = ()  # torch modules sized by num_classes
+  aux_prefix: str | None = None       # keys of the optional aux head
+  dropped_prefixes: tuple[str, ...] = ()  # ImageNet classifier keys
+  default_classes: int = 21
+
+
+def _lraspp_leaves(aux_loss: bool) -> list[Leaf]:
+  del aux_loss
+  return mobilenetv3.torch_leaves("backbone.", ("backbone",)) + lraspp.torch_leaves()
+
+
+def _deeplab_leaves(aux_loss: bool) -> list[Leaf]:
+  return (resnet.torch_leaves("backbone.", ("backbone",))
+          + deeplabv3.torch_leaves(aux_loss))
+
+
+ARCHS: dict[str, _Arch] = {
+    "lraspp_mobilenet_v3_large": _Arch(
+        build=lambda n, aux: lraspp.LRASPPMobileNetV3(num_classes=n),
+        leaves=_lraspp_leaves,
+        classes_key="classifier.low_classifier.weight",
+        class_layers=("classifier.low_classifier", "classifier.high_classifier")),
+    "deeplabv3_resnet50": _Arch(
+        build=lambda n, aux: deeplabv3.DeepLabV3ResNet50(num_classes=n, aux_loss=aux),
+        leaves=_deeplab_leaves,
+        classes_key="classifier.4.weight",
+        class_layers=("classifier.4", "aux_classifier.4"),
+        aux_prefix="aux_classifier."),
+    "mobilenet_v3_large": _Arch(
+        build=lambda n, aux: mobilenetv3.MobileNetV3Large(dilated=True),
+        leaves=lambda aux: mobilenetv3.torch_leaves("features.", ()),
+        dropped_prefixes=("classifier.",), default_classes=0),
+    "resnet50": _Arch(
+        build=lambda n, aux: resnet.ResNet50(),
+        leaves=lambda aux: resnet.torch_leaves("", ()),
+        dropped_prefixes=("fc.",), default_classes=0),
+}
+SEGMENTATION_ARCHS = ("lraspp_mobilenet_v3_large", "deeplabv3_resnet50")
+BACKBONE_OF = {"lraspp_mobilenet_v3_large": "mobilenet_v3_large",
+               "deeplabv3_resnet50": "resnet50"}
+
+
+@dataclasses.dataclass
+class ImportResult:
+  """What `convert_state_dict` built and what it left out."""
+  arch: str
+  module: nn.Module
+  variables: dict[str, Any]
+  num_classes: int
+  aux_loss: bool
+  reinitialised: list[str]  # torch module names initialised afresh
+  dropped: list[str]        # checkpoint keys deliberately not used
+
+
+def _arch(arch: str) -> _Arch:
+  if arch not in ARCHS:
+    raise UserError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
+  return ARCHS[arch]
+
+
+def _listing(items: list[str]) -> str:
+  shown = ", ".join(items[:_MAX_LISTED])
+  if len(items) > _MAX_LISTED:
+    shown += f" ... and {len(items) - _MAX_LISTED} more"
+  return shown
+
+
+def _to_numpy(value: Any) -> np.ndarray | None:
+  """numpy array from a numpy array or torch tensor (None if neither)."""
+  if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor
+    value = value.detach().cpu()
+    if value.is_floating_point():
+      value = value.float()
+    return value.numpy()
+  if isinstance(value, (np.ndarray, jax.Array, np.generic)):
+    return np.asarray(value)
+  return None
+
+
+@functools.lru_cache(maxsize=None)
+def _abstract_variables(module: nn.Module):
+  """Shapes of the module's variables, without computing them."""
+  x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+  return jax.eval_shape(functools.partial(module.init, train=False),
+                        jax.random.PRNGKey(0), x)
+
+
+def init_variables(module: nn.Module, seed: int = 0,
+                   select: Callable[[tuple[str, ...]], bool] | None = None
+                   ) -> dict[str, Any]:
+  """Fresh variables of a task module, from PRNGKey(seed).
+
+  The models are fully convolutional, so the variables do not depend on the
+  image size: a 64x64 input is used. `select(path)` (path = (collection,
+  module, ..., name)) keeps only some variables, e.g. the heads; the others
+  are then neither computed nor compiled, which matters on CPU where
+  compiling the random initialisers of a whole ResNet takes many seconds.
+  Selected values equal those of the full init.
+  """
+  x = jnp.zeros((1, 64, 64, 3), jnp.float32)
+
+  def init(key):
+    flat = traverse_util.flatten_dict(module.init(key, x, train=False))
+    if select is not None:
+      flat = {k: v for k, v in flat.items() if select(k)}
+    return traverse_util.unflatten_dict(flat)
+
+  return jax.jit(init)(jax.random.PRNGKey(seed))
+
+
+def count_params(variables: Mapping[str, Any]) -> int:
+  """Number of trainable parameters (the "params" collection only)."""
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(variables["params"])))
+
+
+def _torch_shape(flax_shape: tuple[int, ...], flax_name: str) -> tuple[int, ...]:
+  if flax_name == "kernel":  # (kh, kw, I, O) -> (O, I, kh, kw)
+    kh, kw, i, o = flax_shape
+    return (o, i, kh, kw)
+  return tuple(flax_shape)
+
+
+def _from_torch(array: np.ndarray, flax_name: str) -> np.ndarray:
+  if flax_name == "kernel":
+    array = array.transpose(2, 3, 1, 0)
+  return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def convert_state_dict(arch: str, state_dict: Mapping[str, Any],
+                       num_classes: int | None = None,
+                       aux_loss: bool | None = None) -> ImportResult:
+  """Builds the Flax module for `arch` and its variables from `state_dict`.
+
+  Args:
+    arch: one of ARCHS.
+    state_dict: torchvision parameter names -> numpy arrays / torch tensors.
+    num_classes: output classes; None takes the checkpoint's. A different
+      count initialises the class-dependent layers afresh (PRNGKey(0)).
+    aux_loss: deeplabv3_resnet50 only: build the aux head; None follows
+      the checkpoint. True without aux weights initialises it afresh.
+  Raises:
+    UserError: unknown arch, or keys missing / unexpected / mis-shaped.
+  """
+  spec = _arch(arch)
+  if not isinstance(state_dict, Mapping):
+    raise UserError(f"expected a state_dict (a mapping of names to tensors), "
+                    f"got {type(state_dict).__name__}")
+  arrays, not_arrays = {}, []
+  for key, value in state_dict.items():
+    array = _to_numpy(value)
+    if array is None:
+      not_arrays.append(str(key))
+    else:
+      arrays[str(key)] = array
+  if not_arrays:
+    raise UserError(f"state_dict values that are not tensors: {_listing(not_arrays)}")
+
+  ckpt_classes = None
+  if spec.classes_key and spec.classes_key in arrays:
+    ckpt_classes = int(arrays[spec.classes_key].shape[0])
+  if num_classes is None:
+    num_classes = ckpt_classes if ckpt_classes is not None else spec.default_classes
+  ckpt_aux = bool(spec.aux_prefix) and any(
+      k.startswith(spec.aux_prefix) for k in arrays)
+  if spec.aux_prefix is None:
+    if aux_loss:
+      raise UserError(f"{arch} has no auxiliary head (aux_loss=True)")
+    aux_loss = False
+  elif aux_loss is None:
+    aux_loss = ckpt_aux
+
+  module = spec.build(num_classes, aux_loss)
+  abstract = traverse_util.flatten_dict(_abstract_variables(module))
+  leaves = spec.leaves(aux_loss)
+
+  reinit = set()
+  if ckpt_classes is not None and num_classes != ckpt_classes:
+    reinit.update(spec.class_layers)
+  if aux_loss and not ckpt_aux:
+    reinit.update(t for _, t, _ in leaves if t.startswith(spec.aux_prefix))
+  reinit &= {t for _, t, _ in leaves}
+
+  flat, used = {}, set()
+  missing, misshaped = [], []
+  for fpath, tname, kind in leaves:
+    if kind == "bn":
+      used.add(tname + _OPTIONAL_BN_SUFFIX)
+    for suffix, collection, name in _KIND_ENTRIES[kind]:
+      key, path = tname + suffix, (collection,) + fpath + (name,)
+      used.add(key)
+      if path not in abstract:
+        raise AssertionError(f"mapping error: {path} not in {arch}")
+      if tname in reinit:
+        continue
+      if key not in arrays:
+        missing.append(key)
+        continue
+      want = _torch_shape(abstract[path].shape, name)
+      got = tuple(arrays[key].shape)
+      if got != want:
+        misshaped.append(f"{key} {list(got)} (expected {list(want)})")
+        continue
+      flat[path] = _from_torch(arrays[key], name)
+
+  dropped, unexpected = [], []
+  for key in arrays:
+    if key in used:
+      if any(key.startswith(t + ".") for t in reinit):
+        dropped.append(key)
+    elif any(key.startswith(p) for p in spec.dropped_prefixes) or (
+        spec.aux_prefix and not aux_loss and key.startswith(spec.aux_prefix)):
+      dropped.append(key)
+    else:
+      unexpected.append(key)
+  problems = []
+  if missing:
+    problems.append(f"missing keys: {_listing(missing)}")
+  if unexpected:
+    problems.append(f"unexpected keys: {_listing(unexpected)}")
+  if misshaped:
+    problems.append(f"mis-shaped keys: {_listing(misshaped)}")
+  if problems:
+    raise UserError(f"state_dict does not match {arch}: " + "; ".join(problems))
+
+  if reinit:
+    fresh = traverse_util.flatten_dict(
+        init_variables(module, select=lambda path: path not in flat))
+    flat.update(fresh)
+  unfilled = set(abstract) - set(flat)
+  if unfilled:  # every variable is covered by the leaf tables
+    raise AssertionError(f"mapping error: {sorted(unfilled)[:3]} not loaded")
+  variables = traverse_util.unflatten_dict(
+      {k: jnp.asarray(v) for k, v in flat.items()})
+  if dropped:
+    logging.info("%s: checkpoint keys not used: %s", arch, _listing(dropped))
+  return ImportResult(arch, module, variables, num_classes, aux_loss,
+                      sorted(reinit), dropped)
+
+
+def load_torchvision_report(arch: str, state_dict: Mapping[str, Any],
+                            num_classes: int | None = None,
+                            aux_loss: bool | None = None
+                            ) -> tuple[nn.Module, dict[str, Any], list[str]]:
+  """Like load_torchvision, also returning the torch names of the layers
+  initialised afresh (empty when everything came from the checkpoint)."""
+  result = convert_state_dict(arch, state_dict, num_classes, aux_loss)
+  return result.module, result.variables, result.reinitialised
+
+
+def load_torchvision(arch: str, state_dict: Mapping[str, Any],
+                     num_classes: int | None = None,
+                     aux_loss: bool | None = None
+                     ) -> tuple[nn.Module, dict[str, Any]]:
+  """(module, {"params", "batch_stats"}) from a torchvision state_dict.
+
+  Warns (UserWarning) with the layers initialised afresh when num_classes
+  or aux_loss asks for head layers the checkpoint does not have.
+  """
+  result = convert_state_dict(arch, state_dict, num_classes, aux_loss)
+  if result.reinitialised:
+    warnings.warn(f"{arch}: head layers initialised afresh (not in the "
+                  f"checkpoint for num_classes={result.num_classes}): "
+                  f"{', '.join(result.reinitialised)}", stacklevel=2)
+  return result.module, result.variables
+
+
+def export_state_dict(arch: str, variables: Mapping[str, Any]
+                      ) -> dict[str, np.ndarray]:
+  """The inverse of load_torchvision: torchvision names -> numpy arrays,
+  loadable with torchvision's `model.load_state_dict(...)` (after
+  torch.from_numpy). BN's num_batches_tracked is written as 0."""
+  spec = _arch(arch)
+  flat = traverse_util.flatten_dict(dict(variables))
+  aux_loss = any(path[1] == "aux_classifier" for path in flat)
+  state_dict = {}
+  for fpath, tname, kind in spec.leaves(aux_loss):
+    for suffix, collection, name in _KIND_ENTRIES[kind]:
+      array = np.asarray(flat[(collection,) + fpath + (name,)], np.float32)
+      if name == "kernel":  # (kh, kw, I, O) -> (O, I, kh, kw)
+        array = array.transpose(3, 2, 0, 1)
+      state_dict[tname + suffix] = np.ascontiguousarray(array)
+    if kind == "bn":
+      state_dict[tname + _OPTIONAL_BN_SUFFIX] = np.array(0, np.int64)
+  return state_dict
+
+
+def backbone_to_segmentation_variables(
+    arch: str, backbone_variables: Mapping[str, Any], num_classes: int,
+    aux_loss: bool = True, seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
+  """A segmentation model whose backbone comes from an imported ImageNet
+  backbone (load_torchvision("mobilenet_v3_large" / "resnet50", ...)) and
+  whose heads are freshly initialised with PRNGKey(seed).
+
+  Args:
+    arch: "lraspp_mobilenet_v3_large" or "deeplabv3_resnet50".
+    backbone_variables: the backbone's {"params", "batch_stats"}.
+  """
+  if arch not in SEGMENTATION_ARCHS:
+    raise UserError(f"unknown segmentation arch {arch!r}; valid: "
+                    f"{', '.join(SEGMENTATION_ARCHS)}")
+  spec = ARCHS[arch]
+  backbone_abstract = _abstract_variables(ARCHS[BACKBONE_OF[arch]].build(0, False))
+  want = jax.tree.map(lambda x: x.shape, backbone_abstract)
+  got = jax.tree.map(lambda x: tuple(np.shape(x)), dict(backbone_variables))
+  if want != got:
+    raise UserError(f"backbone variables do not match {BACKBONE_OF[arch]} "
+                    f"(import them with load_torchvision({BACKBONE_OF[arch]!r}, ...))")
+  module = spec.build(num_classes, aux_loss and spec.aux_prefix is not None)
+  variables = init_variables(module, seed, select=lambda p: p[1] != "backbone")
+  variables = {col: dict(tree) for col, tree in variables.items()}
+  for col in variables:
+    variables[col]["backbone"] = jax.tree.map(jnp.asarray, backbone_variables[col])
+  return module, variables
+
+
+# ----------------------------------------------------------------------------
+# .pth files and orbax checkpoints
+
+
+def read_state_dict(path: str) -> dict[str, Any]:
+  """Reads a torch.save'd state_dict (or a torchvision reference-script
+  checkpoint holding one under "model") on the CPU, weights only."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise UserError("reading .pth files needs torch: install the parity "
+                    "extra (pip install -e .[parity])") from e
+  if not os.path.isfile(path):
+    raise UserError(f"state_dict file not found: {path}")
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # pickle, zip and weights_only errors alike
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise UserError(f"could not read {path} as a torch state_dict: {reason}") from e
+  for wrapper in ("model", "state_dict"):
+    if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+      obj = obj[wrapper]
+  if not isinstance(obj, Mapping) or not all(
+      isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+    raise UserError(f"{path} does not hold a state_dict (names -> tensors)")
+  return dict(obj)
+
+
+def _build(arch: str, num_classes: int, aux_loss: bool) -> nn.Module:
+  return _arch(arch).build(num_classes, aux_loss)
+
+
+def import_to_checkpoint(arch: str, state_dict_path: str,
+                         output_dir: str) -> dict[str, Any]:
+  """Converts a torchvision .pth to an orbax checkpoint in output_dir.
+
+  Writes output_dir/variables (orbax StandardCheckpointer, the
+  {"params", "batch_stats"} pytree) and output_dir/tcr_jax_task.json
+  (arch, num_classes, aux_loss). Returns a summary: arch, num_classes,
+  aux_loss, num_params, output, reinitialised, dropped.
+  """
+  _arch(arch)
+  output_dir = os.path.abspath(output_dir)
+  if os.path.exists(output_dir) and (not os.path.isdir(output_dir)
+                                     or os.listdir(output_dir)):
+    raise UserError(f"output {output_dir} exists and is not an empty directory")
+  state_dict = read_state_dict(state_dict_path)
+  result = convert_state_dict(arch, state_dict)
+
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  os.makedirs(output_dir, exist_ok=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(output_dir, _CHECKPOINT_ITEM), result.variables)
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+  meta = {"arch": arch, "num_classes": result.num_classes,
+          "aux_loss": result.aux_loss, "source": os.path.abspath(state_dict_path)}
+  with open(os.path.join(output_dir, _CHECKPOINT_META), "w") as f:
+    json.dump(meta, f, indent=2)
+  return {"arch": arch, "num_classes": result.num_classes,
+          "aux_loss": result.aux_loss,
+          "num_params": count_params(result.variables),
+          "output": output_dir, "reinitialised": result.reinitialised,
+          "dropped": result.dropped}
+
+
+def load_checkpoint(output_dir: str) -> tuple[nn.Module, dict[str, Any]]:
+  """(module, variables) from a directory written by import_to_checkpoint."""
+  output_dir = os.path.abspath(output_dir)
+  meta_path = os.path.join(output_dir, _CHECKPOINT_META)
+  if not os.path.isfile(meta_path):
+    raise UserError(f"{output_dir} is not a tcr-jax import-torchvision "
+                    f"checkpoint (no {_CHECKPOINT_META})")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  module = _build(meta["arch"], meta["num_classes"], meta["aux_loss"])
+  abstract = _abstract_variables(module)
+
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  checkpointer = ocp.StandardCheckpointer()
+  variables = checkpointer.restore(os.path.join(output_dir, _CHECKPOINT_ITEM),
+                                   abstract)
+  checkpointer.close()
+  return module, variables

@@ -1,0 +1,19 @@
+"""Compute paths must not import TensorFlow (it cannot travel to every GPU box)."""
+import subprocess
+import sys
+
+import pytest
+
+COMPUTE_MODULES = ["tcr_jax.codec", "tcr_jax.models", "tcr_jax.tasks",
+                   "tcr_jax.data.synthetic", "tcr_jax.cli"]
+
+
+@pytest.mark.parametrize("module", COMPUTE_MODULES)
+def test_compute_modules_do_not_import_tensorflow(module):
+  code = (f"import sys, {module}\n"
+          "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+          "('tensorflow', 'tensorflow_datasets', 'torch'))\n"
+          "assert not bad, bad\n")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
