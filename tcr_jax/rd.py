@@ -31,6 +31,10 @@ def _prepare(rate, quality, higher_is_better):
     raise ValueError("rates must be positive and finite, qualities finite")
   if not higher_is_better:
     q = -q
+  if len(q) >= 2 and np.corrcoef(np.log(r), q)[0, 1] < 0:
+    raise ValueError(
+        "quality falls as rate rises: for a distortion where lower is better "
+        "(e.g. depth RMSE) pass higher_is_better=False")
   order = np.argsort(q)
   q, lr = q[order], np.log(r[order])
   # Equal qualities: average their log-rates (interpolation needs distinct x).
@@ -59,7 +63,10 @@ def bd_rate(rate_anchor: Sequence[float], quality_anchor: Sequence[float],
     rate_anchor, quality_anchor: the anchor's RD points (e.g. bpp, PSNR).
     rate_test, quality_test: the test's RD points.
     method: "cubic" or "pchip".
-    higher_is_better: False for distortions such as depth RMSE.
+    higher_is_better: False for distortions such as depth RMSE. BD-rate
+      itself does not depend on the direction of the quality axis; the flag
+      states which way is better so that a curve running the wrong way
+      (quality falling as rate rises) is refused instead of averaged.
 
   Returns:
     percent rate difference at equal quality, or None where the two quality
@@ -127,12 +134,21 @@ def comparisons(records: list[dict]) -> list[dict]:
     out.append(dict(title=title, layer=layer, key=key, higher_is_better=hib,
                     anchor=anchor, test=test, anchor_curve=(ra, qa),
                     test_curve=(rt, qt), plot=plot,
-                    bd={m: bd_rate(ra, qa, rt, qt, m, hib) for m in METHODS}))
+                    bd={m: _safe_bd(ra, qa, rt, qt, m, hib) for m in METHODS}))
   return out
 
 
+def _safe_bd(ra, qa, rt, qt, method, hib):
+  try:
+    return bd_rate(ra, qa, rt, qt, method, hib)
+  except ValueError:
+    return "quality falls as rate rises"
+
+
 def _fmt_bd(v):
-  return "no overlap" if v is None else f"{v:+.2f}%"
+  if v is None:
+    return "no overlap"
+  return v if isinstance(v, str) else f"{v:+.2f}%"
 
 
 def write_report(records: list[dict], workdir: str, experiment: str) -> str:

@@ -1,0 +1,87 @@
+"""BD-rate and the RD report."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from tcr_jax import rd
+
+RATES = [0.1, 0.2, 0.4, 0.8, 1.6]
+PSNR = [28.0, 30.5, 33.0, 35.0, 36.5]
+
+
+@pytest.mark.parametrize("method", rd.METHODS)
+def test_identical_curves_give_zero(method):
+  assert rd.bd_rate(RATES, PSNR, RATES, PSNR, method) == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("method", rd.METHODS)
+def test_half_the_rate_gives_minus_fifty_percent(method):
+  half = [r / 2 for r in RATES]
+  assert rd.bd_rate(RATES, PSNR, half, PSNR, method) == pytest.approx(-50.0, abs=1e-6)
+  assert rd.bd_rate(half, PSNR, RATES, PSNR, method) == pytest.approx(100.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("method", rd.METHODS)
+def test_hand_computed_case(method):
+  # Anchor: quality 30, 32, 34, 36 at rates 1, 2, 4, 8 (log2 R = (Q - 30) / 2).
+  # Test: the same curve shifted by +1 dB, so at equal quality it needs
+  # 2 ** (-1/2) of the anchor's rate: -29.289...%.
+  anchor_r, anchor_q = [1, 2, 4, 8], [30, 32, 34, 36]
+  test_q = [31, 33, 35, 37]
+  expected = (2 ** -0.5 - 1) * 100
+  assert rd.bd_rate(anchor_r, anchor_q, anchor_r, test_q, method) == pytest.approx(expected, abs=1e-6)
+
+
+def test_lower_is_better_flag():
+  # Depth RMSE: the test reaches the same RMSE at 80% of the rate.
+  rmse = [9.0, 7.5, 6.0, 5.2]
+  rates = [0.05, 0.1, 0.2, 0.4]
+  test = [0.8 * r for r in rates]
+  for m in rd.METHODS:
+    assert rd.bd_rate(rates, rmse, test, rmse, m, higher_is_better=False) == pytest.approx(-20.0, abs=1e-6)
+  # Without the flag, a distortion that falls with rate is refused.
+  with pytest.raises(ValueError, match="higher_is_better=False"):
+    rd.bd_rate(rates, rmse, test, rmse, "pchip")
+
+
+def test_no_overlap_gives_none():
+  assert rd.bd_rate([1, 2, 4], [30, 31, 32], [1, 2, 4], [33, 34, 35]) is None
+  assert rd.bd_rate([1], [30], [1, 2], [30, 31]) is None
+
+
+def test_bad_input_is_refused():
+  with pytest.raises(ValueError, match="positive"):
+    rd.bd_rate([0, 1], [30, 31], [1, 2], [30, 31])
+  with pytest.raises(ValueError, match="method"):
+    rd.bd_rate(RATES, PSNR, RATES, PSNR, "akima")
+
+
+def _records():
+  recs = []
+  for i, a in enumerate([0.01, 0.1, 1.0]):
+    for method, gain in (("baseline", 1.0), ("proposal", 0.8)):
+      bpp = 0.4 / (i + 1) * gain
+      recs.append(dict(experiment="x", layer="base", method=method, alpha=a,
+                       beta=0.0, bpp_base=bpp, bpp_enhancement=None,
+                       depth_rmse=5.0 + i, psnr_from_base=30.0 - i,
+                       psnr=None, loss=1.0))
+      recs.append(dict(experiment="x", layer="enhancement", method=method,
+                       alpha=a, beta=0.0, bpp_base=bpp, bpp_enhancement=0.5 / (i + 1),
+                       depth_rmse=5.0 + i, psnr_from_base=30.0 - i,
+                       psnr=35.0 - i, loss=1.0))
+    recs.append(dict(experiment="x", layer="enhancement", method="standalone",
+                     alpha=a, beta=None, bpp_base=None, bpp_enhancement=1.2 / (i + 1),
+                     depth_rmse=None, psnr_from_base=None, psnr=35.0 - i, loss=1.0))
+  return recs
+
+
+def test_report_writes_table_and_plots(tmp_path):
+  text = rd.write_report(_records(), str(tmp_path), "x")
+  assert (tmp_path / "bd_rate.md").read_text() == text
+  row = next(l for l in text.splitlines() if l.startswith("| base task"))
+  assert "-20.00%" in row  # proposal needs 80% of the baseline's base rate
+  for name in ("rd_base_task.png", "rd_base_reconstruction.png", "rd_enhancement.png"):
+    assert (tmp_path / name).stat().st_size > 1000
