@@ -155,7 +155,7 @@ def test_scenes_vary():
   ds = SyntheticScenes("train", 128, 256)
   with_car = with_person = 0
   classes = set()
-  boxes = []
+  boxes, ignored = [], []
   for i in range(20):
     s = ds[i]
     labels = s["box_labels"][:s["num_boxes"]]
@@ -163,9 +163,11 @@ def test_scenes_vary():
     with_person += (labels == synthetic.COCO_PERSON).any()
     classes |= set(np.unique(s["segmentation"]).tolist())
     boxes.append(int(s["num_boxes"]))
+    ignored.append(np.mean(s["segmentation"] == synthetic.IGNORE_INDEX))
   assert with_car >= 5 and with_person >= 5
   assert len(set(boxes)) >= 4
-  needed = {0, 1, 2, 8, 10, 11, 13}   # road sidewalk building veg sky person car
+  assert np.mean(ignored) < 0.02       # "ignore" is used sparingly
+  needed = {0, 1, 2, 8, 10, 11, 13}  # road sidewalk building veg sky person car
   assert needed <= classes
 
 

@@ -15,7 +15,7 @@ _BOX_COLOURS = {synthetic.COCO_PERSON: "#ff4040", synthetic.COCO_CAR: "#40c0ff"}
 
 
 def colourize_segmentation(segmentation: np.ndarray) -> np.ndarray:
-  """(H, W) train ids to (H, W, 3) uint8 in the Cityscapes palette; 255 black."""
+  """(H, W) train ids to (H, W, 3) uint8, Cityscapes palette; 255 black."""
   palette = np.zeros((256, 3), np.uint8)
   palette[:len(synthetic.CITYSCAPES_PALETTE)] = synthetic.CITYSCAPES_PALETTE
   return palette[segmentation]

@@ -28,7 +28,6 @@ a few px. Everything is numpy; a 128x256 sample takes a few milliseconds.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import numbers
 import threading
@@ -157,6 +156,7 @@ class _Camera:
 
 
 def _random_camera(rng: _Random, height: int, width: int) -> _Camera:
+  """Cityscapes-like focal length; random yaw, horizon and height."""
   return _Camera(height=height, width=width,
                  focal=FOCAL_PER_WIDTH * width,
                  cx=width * (0.5 + rng.uniform(-0.06, 0.06)),
@@ -233,7 +233,7 @@ def _gather(a, k: np.ndarray, rr: np.ndarray, cc: np.ndarray):
 
   `k` is the same pixels' flat index into the (rows, cols) rectangle.
   """
-  if np.ndim(a) == 0:
+  if not isinstance(a, np.ndarray) or not a.ndim:
     return a
   rows, cols = a.shape
   if rows == 1:
@@ -250,6 +250,7 @@ class _Pixels:
 
   def __init__(self, cv: "_Canvas", surf: _Surface, k: np.ndarray):
     self._cv = cv
+    self._lo = self._mid = self._hi = None
     self.n = k.size
     cols = surf.xs.stop - surf.xs.start
     self.k = k
@@ -265,17 +266,24 @@ class _Pixels:
     """Values of a surface attribute at these pixels."""
     return _gather(a, self.k, self.rr, self.cc)
 
-  @functools.cached_property
+  # The noise fields, gathered on first use.
+  @property
   def lo(self) -> np.ndarray:
-    return self._cv.lo[self.flat]
+    if self._lo is None:
+      self._lo = self._cv.lo[self.flat]
+    return self._lo
 
-  @functools.cached_property
+  @property
   def mid(self) -> np.ndarray:
-    return self._cv.mid[self.flat]
+    if self._mid is None:
+      self._mid = self._cv.mid[self.flat]
+    return self._mid
 
-  @functools.cached_property
+  @property
   def hi(self) -> np.ndarray:
-    return self._cv.hi[self.flat]
+    if self._hi is None:
+      self._hi = self._cv.hi[self.flat]
+    return self._hi
 
 
 # A shader maps pixels to (rgb, mask) or (rgb, mask, labels): rgb (3, n) or
@@ -286,7 +294,7 @@ Shader = Callable[[_Pixels], tuple]
 
 # Surfaces are painted in bands of at most this many pixels: it bounds the
 # size of numpy temporaries (large ones are slow to allocate).
-_CHUNK_PIXELS = 8192
+_CHUNK_PIXELS = 32768
 
 _WORKSPACE = threading.local()
 
@@ -326,6 +334,7 @@ class _Canvas:
     self.rgb, self.scratch = ws["rgb"], ws["scratch"]
     self.disp, self.seg, self.inst = ws["disp"], ws["seg"], ws["inst"]
     self.lo, self.mid, self.hi = ws["lo"], ws["mid"], ws["hi"]
+    self.disp2d = self.view("disp")
     self.disp.fill(0)
     self.seg.fill(SKY)
     self.inst.fill(0)
@@ -356,7 +365,7 @@ class _Canvas:
 
   def _paint(self, surf: _Surface, shader: Shader, label: int, inst: int,
              shade: float) -> bool:
-    cur = self.view("disp")[surf.ys, surf.xs]
+    cur = self.disp2d[surf.ys, surf.xs]
     near = surf.disp > cur
     if surf.inside is not None:
       near &= surf.inside
@@ -497,6 +506,7 @@ def _pick(rng: _Random, table: np.ndarray, jitter: float = 0.05) -> np.ndarray:
 
 def _random_colour(rng: _Random, lo: float = 0.05,
                    hi: float = 0.95) -> np.ndarray:
+  """Any colour, each channel uniform in [lo, hi]."""
   return rng.uniform(lo, hi, 3)
 
 
@@ -617,6 +627,7 @@ def _facade_shader(rng: _Random, top: float, shade: float = 1.0) -> Shader:
 
 
 def _foliage_shader(rng: _Random, shade: float = 1.0) -> Shader:
+  """Mottled green leaves."""
   base = (np.array([0.2, 0.38, 0.12], np.float32)
           + rng.uniform(-0.08, 0.08, 3))
   base = np.maximum(base, 0.02) * shade
@@ -629,6 +640,7 @@ def _foliage_shader(rng: _Random, shade: float = 1.0) -> Shader:
 
 
 def _solid_shader(colour: np.ndarray, texture: float = 0.1) -> Shader:
+  """One colour with +-`texture` relative grain."""
   def shader(p: _Pixels):
     tone = (1 - texture) + (2 * texture) * (0.6 * p.mid + 0.4 * p.hi)
     return _tint(colour, tone), None
@@ -636,6 +648,7 @@ def _solid_shader(colour: np.ndarray, texture: float = 0.1) -> Shader:
 
 
 def _fence_shader(rng: _Random, top: float) -> Shader:
+  """Vertical bars between two rails, see-through; `top` its height."""
   colour = _pick(rng, np.array([(0.2, 0.2, 0.22), (0.5, 0.45, 0.4),
                                 (0.35, 0.25, 0.15)], np.float32), 0.05)
   gap = rng.uniform(0.12, 0.3)
@@ -671,6 +684,7 @@ class _Street:
 
 
 def _random_street(rng: _Random) -> _Street:
+  """Lanes, sidewalks, maybe a zebra crossing; the camera in a lane."""
   lane = rng.uniform(2.9, 3.6)
   extra_left, extra_right = rng.integers(0, 3), rng.integers(0, 2)
   road_left = -lane * (0.5 + extra_left) - rng.uniform(0, 1.0)
@@ -1001,6 +1015,20 @@ def _plan_pole(cam: _Camera, rng: _Random, lateral: float, depth: float,
   return jobs
 
 
+def _plan_clutter(cam: _Camera, rng: _Random, lateral: float,
+                  depth: float) -> list:
+  """A bin or box on the sidewalk, labelled IGNORE_INDEX (no class)."""
+  if depth < cam.min_object_depth():
+    return []
+  half_w, height = rng.uniform(0.25, 0.6), rng.uniform(0.5, 1.3)
+  colour = _pick(rng, np.array([(0.15, 0.3, 0.2), (0.3, 0.3, 0.32),
+                                (0.55, 0.4, 0.25), (0.2, 0.25, 0.45)],
+                               np.float32), 0.05)
+  return [_frontal_job(cam, lateral - half_w, lateral + half_w, depth, 0.0,
+                       height, _solid_shader(colour, 0.12), IGNORE_INDEX,
+                       min_px=True)]
+
+
 # ----------------------------------------------------------------------------
 # Instances: cars and pedestrians.
 # ----------------------------------------------------------------------------
@@ -1243,6 +1271,12 @@ def render_scene(rng: np.random.Generator, height: int, width: int) -> dict:
     curb = street.road_left if side < 0 else street.road_right
     jobs += _plan_pole(cam, rng, curb + side * rng.uniform(0.3, 0.7),
                        rng.uniform(4.0, min(street.end, 60.0)), side)
+  for _ in range(rng.integers(0, 3)):       # bins, boxes: unlabeled clutter
+    side = -1 if rng.random() < 0.5 else 1
+    walk = ((street.walk_left, street.road_left) if side < 0
+            else (street.road_right, street.walk_right))
+    jobs += _plan_clutter(cam, rng, rng.uniform(*walk),
+                          rng.uniform(4.0, min(street.end, 40.0)))
 
   instances = _place_instances(rng, cam, street)
   instances.sort(key=lambda o: o.depth)     # near to far
