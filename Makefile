@@ -23,7 +23,7 @@ $(VENV)/.installed-test: pyproject.toml | $(PY)
 install: $(VENV)/.installed-base
 
 demo: $(VENV)/.installed-base
-	$(PY) -m tcr_jax.cli demo --output-dir $(DEMO_DIR)
+	$(PY) -m tcr_jax.main --config=configs/depth_recon.py:synthetic --workdir $(DEMO_DIR)
 
 test: $(VENV)/.installed-test
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q $(PYTEST_ARGS)

@@ -28,12 +28,6 @@ def _import_torchvision(args: argparse.Namespace) -> None:
   print(json.dumps(summary))
 
 
-def _demo(args: argparse.Namespace) -> None:
-  from tcr_jax import demo
-  demo.run(args.output_dir, steps=args.steps, height=args.height,
-           width=args.width, seed=args.seed)
-
-
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="tcr-jax",
@@ -59,13 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--output", required=True, help="checkpoint directory")
   s.set_defaults(func=_import_torchvision)
 
-  s = sub.add_parser("demo", help="train a small codec on synthetic scenes")
-  s.add_argument("--output-dir", default="out/demo")
-  s.add_argument("--steps", type=int, default=300)
-  s.add_argument("--height", type=int, default=64)
-  s.add_argument("--width", type=int, default=128)
-  s.add_argument("--seed", type=int, default=0)
-  s.set_defaults(func=_demo)
   return p
 
 

@@ -159,10 +159,11 @@ def _split_variables(variables: PyTree) -> tuple[PyTree, PyTree]:
 class Trainer:
   """Holds the models, the mesh, the data and the compiled steps."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str,
+               devices=None):
     self.config = config
     self.workdir = workdir
-    self.mesh = sharding.data_mesh()
+    self.mesh = sharding.data_mesh(devices)
     n_dev = self.mesh.size
     for what, b in (("train.batch_size", config.train.batch_size),
                     ("eval.batch_size", config.eval.batch_size)):
@@ -231,7 +232,9 @@ class Trainer:
     c = self.config
     h, w = c.data.height, c.data.width
     x = jnp.zeros((1, h, w, 3), jnp.float32)
-    key = jax.random.key(_stage_seed(c.seed, kind))
+    # The rbg generator compiles initialisers ~5x faster than threefry on
+    # CPU (20 s -> 4 s for g_a); the train steps keep threefry.
+    key = jax.random.key(_stage_seed(c.seed, kind), impl="rbg")
     if kind == "base":
       variables = jax.jit(self.base.init)(key, x)
       if c.init.depth_head:
@@ -392,7 +395,9 @@ class Trainer:
     c = self.config
     stage_dir = os.path.join(self.workdir, "stages", stage.name)
     done_path = os.path.join(stage_dir, "done.json")
-    variables0 = self.init_variables(stage.kind)
+    # A fresh copy: the train step donates its state, and the initial
+    # variables are shared by every stage of a kind.
+    variables0 = jax.tree.map(np.array, self.init_variables(stage.kind))
     template = jax.device_put(variables0, self.replicated)
     final_dir = os.path.join(stage_dir, "final")
     if os.path.exists(done_path):
@@ -497,7 +502,8 @@ def _variables(state: PyTree) -> PyTree:
 
 def _manager(path: str, async_: bool) -> ocp.CheckpointManager:
   opts = ocp.CheckpointManagerOptions(max_to_keep=1,
-                                      enable_async_checkpointing=async_)
+                                      enable_async_checkpointing=async_,
+                                      cleanup_tmp_directories=True)
   return ocp.CheckpointManager(os.path.abspath(path), options=opts)
 
 

@@ -74,7 +74,8 @@ def _images(seed, size, batch=1):
 
 def _jit(fn):
   """jax.jit with XLA's CPU backend optimisation off: halves the compile
-  time of these one-off test programs (2-core CI), same numerics."""
+  time of these one-off test programs on a 2-core CI machine (the
+  tolerances below hold with or without it)."""
   return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0})
 
 

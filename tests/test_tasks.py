@@ -14,6 +14,7 @@ from tcr_jax.tasks import (DeepLabV3ResNet50, LRASPPMobileNetV3, losses,
                            torchvision_import as ti)
 
 SIZE = (32, 64)
+_abstract = ti.abstract_variables
 
 
 def _jit(fn):
@@ -37,7 +38,7 @@ def _random_variables(module, seed=0):
       value = 0.1 * rng.randn(*leaf.shape)
     return value.astype(np.float32)
 
-  abstract = ti._abstract_variables(module)  # pylint: disable=protected-access
+  abstract = _abstract(module)
   return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
@@ -50,7 +51,7 @@ def test_output_shapes():
                        (DeepLabV3ResNet50(num_classes=20), {"out", "aux"}),
                        (DeepLabV3ResNet50(num_classes=20, aux_loss=False),
                         {"out"})]:
-    variables = ti._abstract_variables(module)  # pylint: disable=protected-access
+    variables = _abstract(module)
     out = jax.eval_shape(
         lambda v, x, m=module: m.apply(v, x, train=False), variables, x)
     assert set(out) == keys
@@ -64,7 +65,7 @@ def test_backbone_feature_shapes():
       ("mobilenet_v3_large", {"low": (1, 8, 12, 40), "high": (1, 4, 6, 960)}),
       ("resnet50", {"aux": (1, 8, 12, 1024), "out": (1, 8, 12, 2048)})]:
     module = ti.ARCHS[arch].build(0, False)
-    variables = ti._abstract_variables(module)  # pylint: disable=protected-access
+    variables = _abstract(module)
     out = jax.eval_shape(lambda v, x, m=module: m.apply(v, x), variables, x)
     assert {k: v.shape for k, v in out.items()} == expected
 
@@ -74,7 +75,7 @@ def test_parameter_counts():
   counts = {}
   for name, module in [("lraspp21", LRASPPMobileNetV3(num_classes=21)),
                        ("deeplab21", DeepLabV3ResNet50(num_classes=21))]:
-    counts[name] = ti.count_params(ti._abstract_variables(module))  # pylint: disable=protected-access
+    counts[name] = ti.count_params(_abstract(module))
   assert counts == {"lraspp21": 3_221_538, "deeplab21": 42_004_074}
 
 
@@ -120,7 +121,7 @@ def test_batchnorm_running_stats_follow_torch():
 
 def test_deeplab_dropout_needs_rng_only_when_enabled():
   module = DeepLabV3ResNet50(num_classes=3, dropout=False)
-  variables = ti._abstract_variables(module)  # pylint: disable=protected-access
+  variables = _abstract(module)
   x = jax.ShapeDtypeStruct((2, *SIZE, 3), jnp.float32)
   jax.eval_shape(lambda v, x: module.apply(v, x, train=True,
                                            mutable=["batch_stats"]), variables, x)
@@ -200,10 +201,12 @@ def test_backbone_into_segmentation_model():
   for col in ("params", "batch_stats"):
     jax.tree.map(np.testing.assert_array_equal, variables[col]["backbone"],
                  backbone_vars[col])
-  expected = jax.tree.map(lambda s: s.shape, ti._abstract_variables(module))  # pylint: disable=protected-access
+  expected = jax.tree.map(lambda s: s.shape, _abstract(module))
   assert jax.tree.map(np.shape, variables) == expected
   with pytest.raises(UserError, match="resnet50"):
     ti.backbone_to_segmentation_variables("deeplabv3_resnet50", loaded, 20)
+  with pytest.raises(UserError, match="arch mobilenet_v3_large"):
+    ti.load_torchvision("lraspp_mobilenet_v3_large", imagenet_sd)
 
 
 def test_load_checkpoint_rejects_other_directories(tmp_path):

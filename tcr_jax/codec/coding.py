@@ -22,8 +22,10 @@ escape symbol (K covers all but 1e-9 of the mass), built once per process.
 Escaped residuals follow as sign and an Elias-gamma-like magnitude in
 uniform (bypass) symbols, so any residual up to 2^31 decodes exactly. Within
 a decoding pass the symbols are grouped by table level, so one constriction
-call decodes a whole group (~30 M symbols/s against ~5 M/s for per-symbol
-quantized Gaussians).
+call decodes a whole group (constriction: ~30 M symbols/s with a fixed model
+against ~5 M/s with per-symbol quantized Gaussians; with the parameter
+quantization, grouping and escapes the host decodes 11-14 M symbols/s on
+two CPU cores).
 
 z (hyperprior models). Under the FactorizedPrior: per channel, an integer
 support [lo, hi] outside of which the prior has less than 1e-9 of its mass,
@@ -43,31 +45,44 @@ Robust to the decoder's own float noise (GPU encode, CPU decode)
 ------------------------------------------------------------------
 The decoder recomputes (scale, mean) with the parameter networks, possibly
 on another backend, from the same integers y_hat / z_hat; the results differ
-from the encoder's by float noise (measured ~1e-6 relative, assumed below
-`tol`, default 1e-4). Both sides quantize the parameters with the same maps
+from the encoder's by float noise. Deviation model: a parameter p deviates
+by less than tol max(1, |p|) (absolute below 1, relative above: the error of
+a network output follows the size of its activations, so a small scale gets
+an absolute, not a relative, error). Both sides quantize the parameters with
+the same maps
 
-  q_scale(s) = nearest table level of s (in log),
-  q_centre(m) = floor(m + 1/2),
+  q_scale(s)  = nearest table level of max(s, 0.11) in log,
+  q_centre(m) = floor(m + 1/2) for |m| < CENTRE_LIMIT = 512, else 0,
 
-whose boundaries are the log-midpoints between levels and the half-integers.
-The encoder marks every element whose own log-scale lies within 2 tol of a
-scale boundary, and every element whose own mean lies within
-2 tol max(1, |m|) of a half-integer, and transmits those element positions
-(two sorted lists, gap-coded). For a listed element both sides use the
-canonical choice "the side below the nearest boundary" (level k - 1 for the
-boundary between k - 1 and k; centre k - 1 for the boundary k - 1/2), which
-each side can locate from its own value because the boundaries are much
-farther apart than 3 tol. Every other element satisfies |p - b| >= 2 tol for
-every boundary b while the decoder's value p' obeys |p' - p| < tol, so
-|p' - b| > tol > 0: p' lies on the same side of every boundary as p, and
-q(p') = q(p). Hence the decoder derives exactly the encoder's (level,
-centre) for every element, and decodes exactly, whenever the cross-backend
-deviation is below tol; the rule does not depend on tol on the decoder's
-side (tol is an encoder option, not part of the format). The cost is the
-lists: with tol = 1e-4 about 0.33% of elements with scales inside the table
-range and 0.04% of all means are listed, at ~log2(1/density) + 1.5 bits
-each (`info["side_bits"]`). The parameter networks run with
-"highest" matmul precision so that a GPU does not use TF32 (1e-3 noise).
+whose boundaries are the scales b_k between levels, the half-integers below
+512 in magnitude, and +-512 (beyond it a relative tolerance would span
+several half-integers, so the centre is 0 there; such means do not occur in
+trained models). The encoder lists every element whose own parameter p lies
+within 2 tol max(1, |p|) of a boundary b, transmitting their positions (two
+sorted lists, gap-coded), and for a listed element both sides use a
+canonical choice that each can compute from its own value: the level below
+the nearest scale boundary; the integer below the nearest half-integer, or
+floor(m + 1/2) next to +-512. Each side finds the same nearest boundary
+because 3 tol max(1, |p|) is below a quarter of the boundary spacing
+whenever tol <= MAX_TOL = 1e-4. Every element not listed has
+|p - b| >= 2 tol max(1, |p|) for every b, while the decoder's p' has
+|p' - p| < tol max(1, |p|), so |p' - b| > 0 on the same side: q(p') = q(p).
+Hence the decoder derives exactly the encoder's (level, centre) for every
+element, and decodes exactly, whenever the cross-backend deviation is below
+tol. The decoder never uses tol (it is an encoder option, not part of the
+format). A CRC-32 of the latent, checked after decoding, turns a deviation
+beyond tol into a BitstreamError instead of a wrong image.
+
+DEFAULT_TOL = 2e-5. Measured: float32 against float64 evaluation of the
+parameter networks of trained models (hyperprior, context, checkerboard,
+32 channels) deviates by at most 2.7e-6 max(1, |p|), so two float32 backends
+by at most ~5e-6, a quarter of tol and an eighth of the listing window
+(untrained networks fed 20x latents reach 2.3e-5). The cost: a fraction
+4 tol max(1, s) / (0.123 s) of the elements of scale s, and 4 tol max(1, |m|)
+of the means, are listed, at ~log2(1 / density) + 1.5 bits each: 0.4-0.7% of the
+rate at tol = 2e-5 and 1.6-2.7% at 1e-4 on those models
+(`info["side_bits"]`). The parameter networks run with "highest" matmul
+precision so that a GPU does not use TF32 (1e-3 noise).
 
 Order of symbols
 ----------------
@@ -92,18 +107,24 @@ wavefronts calling jitted steps is kept as `schedule="python"` to compare).
 Stream layout
 -------------
 "hyper": constriction words (little-endian uint32) of z, channel by channel.
-"y": constriction words: the two fix-list counts and gap-coded positions,
-then the residual symbols pass by pass. Shapes are not stored: the container
+"y": CRC-32 of the integer latent (4 bytes), then constriction words: the
+two fix lists (counts in Elias gamma, gaps in a Rice code) and the residual
+symbols pass by pass. Shapes are not stored: the container
 (`bitstream.py`) stores the image size, from which the caller derives them.
 
 API
 ---
   encode_latent(em, variables, y, side)           -> (streams, info)
   decode_latent(em, variables, streams, shape, side) -> y_hat
+  latent_parameters(em, variables, y, side)       -> (scale, mean)
   encode_scalable / decode_scalable                "base" and "enhancement"
                                                   layers; base decodes alone
   compress(model, variables, image)               -> bytes (ImageCodec)
   decompress(model, variables, data)              -> (x_hat, info)
+  encode_image(model, variables, image)           -> (bytes, info)
+
+Malformed streams raise bitstream.BitstreamError (never anything else, never
+a hang: every loop is bounded by the latent size).
 """
 from __future__ import annotations
 
@@ -127,7 +148,9 @@ SCALE_MIN = entropy.SCALE_LOWER_BOUND
 SCALE_MAX = 256.0
 SCALE_LEVELS = 64
 TAIL_MASS = 1e-9
-DEFAULT_TOL = 1e-4
+DEFAULT_TOL = 2e-5
+MAX_TOL = 1e-4
+CENTRE_LIMIT = 512  # means beyond +-512 use centre 0
 MAX_ABS_VALUE = 1 << 31  # largest coded |latent|
 MAX_HYPER_SUPPORT = 1 << 13  # symbols per hyper-latent channel table
 SCHEDULES = ("fori", "python")
@@ -229,9 +252,13 @@ def scale_table() -> np.ndarray:
 
 
 def _scale_position(scale) -> np.ndarray:
-  """Position in level units, shifted by 1/2: level k covers [k, k + 1)."""
+  """Position in level units, shifted by 1/2: level k covers [k, k + 1).
+
+  np.log is fine here (unlike in the tables): a last-bit difference between
+  machines is a parameter deviation like any other, covered by the lists.
+  """
   s = np.maximum(np.asarray(scale, np.float64), SCALE_MIN)
-  return (_dlog(s) - _LOG_MIN) / _LOG_STEP + 0.5
+  return (np.log(s) - _LOG_MIN) / _LOG_STEP + 0.5
 
 
 def scale_index(scale, listed=None) -> np.ndarray:
@@ -249,27 +276,50 @@ def scale_index(scale, listed=None) -> np.ndarray:
 
 
 def centre(mean, listed=None) -> np.ndarray:
-  """Integer centre floor(mean + 1/2) (q_centre); listed elements take the
-  integer below their nearest half-integer boundary."""
-  g = np.asarray(mean, np.float64) + 0.5
-  c = np.floor(g)
+  """Integer centre (q_centre): floor(mean + 1/2) for |mean| < CENTRE_LIMIT,
+  0 beyond (where a relative tolerance would cover several half-integers).
+
+  Listed elements near +-CENTRE_LIMIT take floor(mean + 1/2); other listed
+  elements the integer below their nearest half-integer boundary.
+  """
+  m = np.asarray(mean, np.float64)
+  g = m + 0.5
+  c = np.where(np.abs(m) < CENTRE_LIMIT, np.floor(g), 0.0)
   if listed is not None:
-    c = np.where(listed, np.rint(g) - 1.0, c)
+    near_limit = np.abs(np.abs(m) - CENTRE_LIMIT) < 0.25
+    c = np.where(listed, np.where(near_limit, np.floor(g), np.rint(g) - 1.0), c)
   return c.astype(np.int64)
 
 
-def boundary_flags(scale, mean, tol: float) -> tuple[np.ndarray, np.ndarray]:
-  """Elements whose parameters are within 2 tol of a quantization boundary.
+def scale_boundaries() -> np.ndarray:
+  """Scales of the level boundaries: entry k (1..) separates levels k - 1, k."""
+  return _dexp(_LOG_MIN + _LOG_STEP * (np.arange(SCALE_LEVELS) - 0.5))
 
-  Scale: in log (relative tolerance). Mean: 2 tol max(1, |mean|).
+
+_SCALE_BOUNDARIES = scale_boundaries()
+
+
+def boundary_flags(scale, mean, tol: float) -> tuple[np.ndarray, np.ndarray]:
+  """Elements whose parameters lie within 2 tol max(1, |p|) of a boundary.
+
+  The deviation model: a parameter p computed on another backend deviates by
+  less than tol max(1, |p|) (absolute below 1, relative above: the networks'
+  float error is proportional to their activations, not to a small scale).
+  Sound for tol <= MAX_TOL: then the listed elements' nearest boundary is
+  unambiguous on both sides (3 tol max(1, |p|) < 1/4 of the spacing).
   """
-  pos = _scale_position(scale)
-  nearest = np.clip(np.rint(pos), 1, SCALE_LEVELS - 1)
-  near_scale = np.abs(pos - nearest) * _LOG_STEP < 2.0 * tol
+  if not 0.0 <= tol <= MAX_TOL:
+    raise ValueError(f"tol must lie in [0, {MAX_TOL}], got {tol}")
+  s = np.maximum(np.asarray(scale, np.float64), SCALE_MIN)
+  nearest = np.clip(np.rint(_scale_position(s)), 1, SCALE_LEVELS - 1)
+  b = _SCALE_BOUNDARIES[nearest.astype(np.int64)]
+  near_scale = np.abs(s - b) < 2.0 * tol * np.maximum(1.0, s)
   m = np.asarray(mean, np.float64)
   g = m + 0.5
-  near_centre = np.abs(g - np.rint(g)) < 2.0 * tol * np.maximum(1.0, np.abs(m))
-  return near_scale, near_centre
+  window = 2.0 * tol * np.maximum(1.0, np.abs(m))
+  near_half = (np.abs(g - np.rint(g)) < window) & (np.abs(m) < CENTRE_LIMIT)
+  near_limit = np.abs(np.abs(m) - CENTRE_LIMIT) < window
+  return near_scale, near_half | near_limit
 
 
 # --------------------------------------------------------------------------
@@ -277,8 +327,18 @@ def boundary_flags(scale, mean, tol: float) -> tuple[np.ndarray, np.ndarray]:
 
 _UNIFORM = _model.Uniform()  # family: per-symbol sizes
 _BIT = _model.Uniform(2)
-_LENGTH = _model.Uniform(64)
+_LENGTH_PMF = 0.5 ** np.arange(1, 65)  # bit length n costs n + 1 bits
+_LENGTH = _model.Categorical(_LENGTH_PMF, perfect=False)
 _MAX_UINT_BITS = 40
+
+
+def _decode(dec, *args) -> np.ndarray:
+  """dec.decode(*args); constriction's errors on invalid data (it asserts)
+  become BitstreamError."""
+  try:
+    return np.asarray(dec.decode(*args))
+  except Exception as e:  # AssertionError, ValueError, ... from the binding
+    raise BitstreamError(f"corrupt stream (range decoder: {e})") from None
 
 
 def _bit_length(v: np.ndarray) -> np.ndarray:
@@ -292,8 +352,8 @@ def _bit_length(v: np.ndarray) -> np.ndarray:
 
 
 def _encode_uints(enc, values) -> None:
-  """Values >= 0 as Elias-gamma-like codes: the bit length of v + 1 in a
-  6-bit symbol, then its low bits in 16-bit uniform chunks."""
+  """Values >= 0 in Elias-gamma codes: the bit length n of v + 1 (n + 1
+  bits, P(n) = 2^-(n+1)), then its n low bits in 16-bit uniform chunks."""
   w = np.asarray(values, np.int64) + 1
   if w.size == 0:
     return
@@ -310,14 +370,14 @@ def _encode_uints(enc, values) -> None:
 def _decode_uints(dec, count: int) -> np.ndarray:
   if count == 0:
     return np.zeros(0, np.int64)
-  nbits = dec.decode(_LENGTH, count).astype(np.int64)
+  nbits = _decode(dec, _LENGTH, count).astype(np.int64)
   if nbits.max() > _MAX_UINT_BITS:
     raise BitstreamError("corrupt stream (integer too long)")
   low = np.zeros(count, np.int64)
   for start in range(0, int(nbits.max()), 16):
     sel = nbits > start
     width = np.minimum(nbits[sel] - start, 16)
-    chunk = dec.decode(_UNIFORM, (np.int64(1) << width).astype(np.int32))
+    chunk = _decode(dec, _UNIFORM, (np.int64(1) << width).astype(np.int32))
     low[sel] |= chunk.astype(np.int64) << start
   return (np.int64(1) << nbits) + low - 1
 
@@ -325,7 +385,7 @@ def _decode_uints(dec, count: int) -> np.ndarray:
 def _uint_bits(values) -> float:
   """Ideal cost of _encode_uints(values) in bits."""
   w = np.asarray(values, np.int64) + 1
-  return float(np.sum(6 + _bit_length(w) - 1))
+  return float(np.sum(2 * _bit_length(w) - 1))
 
 
 # --------------------------------------------------------------------------
@@ -382,12 +442,12 @@ def _encode_group(enc, values: np.ndarray, model, lo: int, hi: int) -> int:
 
 
 def _decode_group(dec, count: int, model, lo: int, hi: int) -> np.ndarray:
-  symbols = dec.decode(model, count).astype(np.int64)
+  symbols = _decode(dec, model, count).astype(np.int64)
   values = symbols + lo
   out = symbols == hi - lo + 1
   n_out = int(out.sum())
   if n_out:
-    below = dec.decode(_BIT, n_out).astype(bool)
+    below = _decode(dec, _BIT, n_out).astype(bool)
     overflow = _decode_uints(dec, n_out)
     values[out] = np.where(below, lo - 1 - overflow, hi + 1 + overflow)
     if np.abs(values[out]).max() > MAX_ABS_VALUE:
@@ -494,7 +554,7 @@ def _decode_positions(dec, total: int) -> np.ndarray:
     raise BitstreamError("corrupt stream (fix-list gap)")
   gaps = quotients << k
   if k:
-    gaps = gaps + dec.decode(_UNIFORM, np.full(count, 1 << k, np.int32))
+    gaps = gaps + _decode(dec, _UNIFORM, np.full(count, 1 << k, np.int32))
   positions = np.cumsum(gaps + 1) - 1
   if positions[-1] >= total:
     raise BitstreamError("corrupt stream (fix-list position)")
@@ -505,20 +565,20 @@ def _decode_positions(dec, total: int) -> np.ndarray:
 # Factorized-prior tables for hyper-latents.
 
 
-def _factorized_logits_np(x: np.ndarray, matrices, biases, factors) -> np.ndarray:
+def _factorized_logits_np(x: np.ndarray, matrices, biases, gates) -> np.ndarray:
   """entropy.factorized_logits_cumulative in deterministic float64.
 
-  x: (C, 1, N). Matrix products as explicit sums over the (tiny) inner
-  dimension in fixed order, instead of BLAS.
+  x: (C, 1, N); `matrices` already softplus'ed and `gates` tanh'ed. Matrix
+  products as explicit sums over the (tiny) inner dimension in fixed
+  order, instead of BLAS.
   """
-  for i, (matrix, bias) in enumerate(zip(matrices, biases)):
-    m = _dsoftplus(matrix)  # (C, out, in)
+  for i, (m, bias) in enumerate(zip(matrices, biases)):
     acc = m[:, :, 0:1] * x[:, 0:1, :]
     for j in range(1, m.shape[2]):
       acc = acc + m[:, :, j:j + 1] * x[:, j:j + 1, :]
     x = acc + bias
-    if i < len(factors):
-      x = x + _dtanh(factors[i]) * _dtanh(x)
+    if i < len(gates):
+      x = x + gates[i] * _dtanh(x)
   return x
 
 
@@ -532,20 +592,40 @@ class FactorizedTables:
 
 
 def factorized_tables(prior_params: Mapping[str, Any]) -> FactorizedTables:
-  """Integer tables from a FactorizedPrior's parameters (host, float64)."""
-  layers_n = sum(1 for key in prior_params if key.startswith("matrix_"))
-  get = lambda name, n: [np.asarray(prior_params[f"{name}_{i}"], np.float64)
-                         for i in range(n)]
-  matrices, biases = get("matrix", layers_n), get("bias", layers_n)
-  factors = get("factor", layers_n - 1)
-  logits = lambda x: _factorized_logits_np(x, matrices, biases, factors)
+  """Integer tables from a FactorizedPrior's parameters (host, float64).
+
+  Cached on the parameters' bytes, so repeated calls with the same model are
+  free.
+  """
+  names = sorted(prior_params)
+  arrays = tuple(np.asarray(prior_params[n], np.float32) for n in names)
+  key = (tuple(names), tuple(a.shape for a in arrays),
+         b"".join(a.tobytes() for a in arrays))
+  return _factorized_tables_cached(key)
+
+
+@functools.lru_cache(maxsize=8)
+def _factorized_tables_cached(key) -> FactorizedTables:
+  names, shapes, raw = key
+  params, offset = {}, 0
+  for name, shape in zip(names, shapes):
+    size = int(np.prod(shape)) * 4
+    params[name] = np.frombuffer(raw[offset:offset + size], np.float32
+                                 ).reshape(shape).astype(np.float64)
+    offset += size
+  n = sum(1 for name in names if name.startswith("matrix_"))
+  matrices = [_dsoftplus(params[f"matrix_{i}"]) for i in range(n)]
+  biases = [params[f"bias_{i}"] for i in range(n)]
+  gates = [_dtanh(params[f"factor_{i}"]) for i in range(n - 1)]
+  logits = lambda x: _factorized_logits_np(x, matrices, biases, gates)
   c = matrices[0].shape[0]
-  # Bisection for the tail quantiles, where the cdf reaches tail / 2.
+  # Bisection for the tail quantiles, where the cdf reaches tail / 2; 28
+  # halvings of [-2^20, 2^20] leave an interval of 1/128.
   target = float(_dlog(TAIL_MASS / 2.0) - _dlog(1.0 - TAIL_MASS / 2.0))
   bounds = []
   for sign in (1.0, -1.0):
     a, b = np.full(c, -2.0 ** 20), np.full(c, 2.0 ** 20)
-    for _ in range(64):
+    for _ in range(28):
       mid = 0.5 * (a + b)
       below = sign * logits(mid[:, None, None])[:, 0, 0] < target
       if sign > 0:
@@ -564,7 +644,7 @@ def factorized_tables(prior_params: Mapping[str, Any]) -> FactorizedTables:
     v = np.arange(lo[ch], hi[ch] + 2, dtype=np.float64) - 0.5  # bin edges
     f = _factorized_logits_np(v[None, None, :], [m[ch:ch + 1] for m in matrices],
                               [b_[ch:ch + 1] for b_ in biases],
-                              [f_[ch:ch + 1] for f_ in factors])[0, 0]
+                              [g[ch:ch + 1] for g in gates])[0, 0]
     lower, upper = f[:-1], f[1:]
     flip = np.where(lower + upper > 0, -1.0, 1.0)  # difference in the tail
     pmf = np.abs(_dsigmoid(flip * upper) - _dsigmoid(flip * lower))
@@ -600,6 +680,10 @@ def _decode_hyper(data: bytes, shape: tuple[int, ...],
     z[..., ch] = _decode_group(dec, count, tables.models[ch], int(tables.lo[ch]),
                                int(tables.hi[ch])).reshape(shape[:-1])
   return z
+
+
+def _latent_checksum(values: np.ndarray) -> int:
+  return bitstream.crc32(np.asarray(values, "<i8").tobytes())
 
 
 def _to_bytes(enc) -> bytes:
@@ -756,13 +840,25 @@ class _YDecoder:
                param_transform: ParamTransform | None):
     self.shape = shape
     self.total = int(np.prod(shape))
-    self.dec = _queue.RangeDecoder(_to_words(data))
+    if len(data) < 4:
+      raise BitstreamError("truncated stream y")
+    self.checksum = int.from_bytes(data[:4], "little")
+    self.dec = _queue.RangeDecoder(_to_words(data[4:]))
     self.listed_scale = np.zeros(self.total, bool)
     self.listed_centre = np.zeros(self.total, bool)
     self.listed_scale[_decode_positions(self.dec, self.total)] = True
     self.listed_centre[_decode_positions(self.dec, self.total)] = True
     self.param_transform = param_transform
     self.error: BaseException | None = None
+
+  def verify(self, y_hat) -> jax.Array:
+    """Checks the decoded latent against the encoder's checksum."""
+    if _latent_checksum(np.asarray(y_hat).astype(np.int64)) != self.checksum:
+      raise BitstreamError(
+          "decoded latent fails its checksum: the stream is corrupt, or this "
+          "backend computed entropy parameters farther from the encoder's than "
+          "its tolerance allows (re-encode with a larger tol)")
+    return jnp.asarray(y_hat)
 
   def decode(self, flat: np.ndarray, scale: np.ndarray,
              mean: np.ndarray) -> np.ndarray:
@@ -771,6 +867,8 @@ class _YDecoder:
     mean = mean.reshape(-1)
     if self.param_transform is not None:
       scale, mean = self.param_transform(scale, mean, flat)
+    if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(mean))):
+      raise BitstreamError("corrupt stream (non-finite entropy parameters)")
     idx = scale_index(scale, self.listed_scale[flat])
     c = centre(mean, self.listed_centre[flat])
     values = _decode_residuals(self.dec, idx) + c
@@ -801,25 +899,29 @@ class _YDecoder:
 # Latent level.
 
 
-def _check_latent(y_int: np.ndarray) -> None:
-  if not np.all(np.abs(y_int) <= MAX_ABS_VALUE):
-    raise ValueError("latent values beyond +-2^31 cannot be coded")
-
-
-def _round_to_int(x) -> np.ndarray:
+def _to_int(x) -> np.ndarray:
+  """Integer-valued floats (a rounded latent) to int64, range-checked."""
   x = np.asarray(x, np.float64)
   if not np.all(np.isfinite(x)):
     raise ValueError("cannot code a latent with non-finite values")
-  values = np.clip(x, -2.0 * MAX_ABS_VALUE, 2.0 * MAX_ABS_VALUE).astype(np.int64)
-  _check_latent(values)
-  return values
+  if np.abs(x).max(initial=0) > MAX_ABS_VALUE:
+    raise ValueError("latent values beyond +-2^31 cannot be coded")
+  return x.astype(np.int64)
+
+
+_HYPER_SHAPES: dict = {}  # (em, latent shape) -> z shape
 
 
 def hyper_shape(em, em_variables, latent_shape) -> tuple[int, ...]:
   """Shape of z for a latent of `latent_shape` (hyperprior models)."""
-  spec = jax.ShapeDtypeStruct(tuple(latent_shape), jnp.float32)
-  return tuple(jax.eval_shape(lambda y: em.apply(em_variables, y, method=_m_h_a),
-                              spec).shape)
+  key = (em, tuple(int(s) for s in latent_shape))
+  if key not in _HYPER_SHAPES:
+    if len(_HYPER_SHAPES) > 256:
+      _HYPER_SHAPES.clear()
+    spec = jax.ShapeDtypeStruct(key[1], jnp.float32)
+    _HYPER_SHAPES[key] = tuple(jax.eval_shape(
+        lambda y: em.apply(em_variables, y, method=_m_h_a), spec).shape)
+  return _HYPER_SHAPES[key]
 
 
 def pass_ids(em, shape: tuple[int, ...]) -> np.ndarray:
@@ -835,6 +937,20 @@ def pass_ids(em, shape: tuple[int, ...]) -> np.ndarray:
   return np.broadcast_to(per_position[None, :, :, None], shape).reshape(-1)
 
 
+def latent_parameters(em, em_variables, y, side=None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """(scale, mean) of every element of y as the encoder computes them
+  (rounding y and, for hyperprior models, z first); host float32 arrays."""
+  progs = _programs(em)
+  y = jnp.asarray(y, jnp.float32)
+  z_hat = None
+  if em.hyperprior:
+    z_hat = progs.hyper(em_variables, y)
+  scale, mean = progs.params(em_variables, ops.round_toward_zero_ties(y),
+                             z_hat, side)
+  return np.asarray(scale, np.float32), np.asarray(mean, np.float32)
+
+
 def encode_latent(em, em_variables, y, side=None, *, tol: float = DEFAULT_TOL,
                   param_transform: ParamTransform | None = None
                   ) -> tuple[dict[str, bytes], dict[str, Any]]:
@@ -845,8 +961,8 @@ def encode_latent(em, em_variables, y, side=None, *, tol: float = DEFAULT_TOL,
     em_variables: its variables ({"params": ...}).
     y: the unquantized latent; it is rounded as the model rounds it.
     side: side information for conditional models (None = zeros).
-    tol: bound on the decoder's parameter deviation (relative for the scale,
-      relative/absolute for the mean) that the fix lists cover; encoder-only.
+    tol: bound on the decoder's parameter deviation, in units of
+      max(1, |p|), that the fix lists cover (0..MAX_TOL); encoder-only.
     param_transform: testing hook applied to the host copies of (scale, mean)
       with their raster indices, as if another backend had computed them.
 
@@ -859,11 +975,11 @@ def encode_latent(em, em_variables, y, side=None, *, tol: float = DEFAULT_TOL,
   y = jnp.asarray(y, jnp.float32)
   shape = tuple(y.shape)
   y_hat = ops.round_toward_zero_ties(y)
-  y_int = _round_to_int(y_hat).reshape(-1)
+  y_int = _to_int(y_hat).reshape(-1)
   streams, info = {}, {"ideal_bits": {}}
   z_hat = None
   if em.hyperprior:
-    z_int = _round_to_int(progs.hyper(em_variables, y))
+    z_int = _to_int(progs.hyper(em_variables, y))
     tables = factorized_tables(em_variables["params"]["z_prior"])
     streams["hyper"], info["ideal_bits"]["hyper"] = _encode_hyper(z_int, tables)
     z_hat = jnp.asarray(z_int, jnp.float32)
@@ -873,6 +989,8 @@ def encode_latent(em, em_variables, y, side=None, *, tol: float = DEFAULT_TOL,
   flat = np.arange(y_int.size)
   if param_transform is not None:
     scale, mean = param_transform(scale, mean, flat)
+  if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(mean))):
+    raise ValueError("the entropy model predicts non-finite parameters")
   listed_scale, listed_centre = boundary_flags(scale, mean, tol)
   idx = scale_index(scale, listed_scale)
   residuals = y_int - centre(mean, listed_centre)
@@ -886,7 +1004,7 @@ def encode_latent(em, em_variables, y, side=None, *, tol: float = DEFAULT_TOL,
   for a, b in zip(bounds[:-1], bounds[1:]):
     sel = order[a:b]
     escapes += _encode_residuals(enc, residuals[sel], idx[sel])
-  streams["y"] = _to_bytes(enc)
+  streams["y"] = _latent_checksum(y_int).to_bytes(4, "little") + _to_bytes(enc)
   info["ideal_bits"]["y"] = side_bits + table_bits(residuals, idx)
   info.update(
       bits={k: 8 * len(v) for k, v in streams.items()},
@@ -928,7 +1046,8 @@ def decode_latent(em, em_variables, streams: Mapping[str, bytes],
                         jnp.float32)
   host = _YDecoder(streams["y"], shape, param_transform)
   if em.context == "serial":
-    return _decode_serial(progs, em_variables, host, z_hat, side, shape, schedule)
+    return host.verify(_decode_serial(progs, em_variables, host, z_hat, side,
+                                      shape, schedule))
   y_hat = np.zeros(shape, np.float32)
   passes = pass_ids(em, shape)
   for p in range(int(passes.max()) + 1):
@@ -937,7 +1056,7 @@ def decode_latent(em, em_variables, streams: Mapping[str, bytes],
     values = host.decode(flat, np.asarray(scale).reshape(-1)[flat],
                          np.asarray(mean).reshape(-1)[flat])
     y_hat.reshape(-1)[flat] = values
-  return jnp.asarray(y_hat)
+  return host.verify(y_hat)
 
 
 def _decode_serial(progs: _Programs, v, host: _YDecoder, z_hat, side, shape,

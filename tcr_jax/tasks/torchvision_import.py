@@ -144,8 +144,9 @@ def _to_numpy(value: Any) -> np.ndarray | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _abstract_variables(module: nn.Module):
-  """Shapes of the module's variables, without computing them."""
+def abstract_variables(module: nn.Module):
+  """Shapes of the module's variables (ShapeDtypeStructs, cached: do not
+  mutate), without computing them."""
   x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
   return jax.eval_shape(functools.partial(module.init, train=False),
                         jax.random.PRNGKey(0), x)
@@ -236,7 +237,7 @@ def convert_state_dict(arch: str, state_dict: Mapping[str, Any],
     aux_loss = ckpt_aux
 
   module = spec.build(num_classes, aux_loss)
-  abstract = traverse_util.flatten_dict(_abstract_variables(module))
+  abstract = traverse_util.flatten_dict(abstract_variables(module))
   leaves = spec.leaves(aux_loss)
 
   reinit = set()
@@ -286,6 +287,10 @@ def convert_state_dict(arch: str, state_dict: Mapping[str, Any],
   if misshaped:
     problems.append(f"mis-shaped keys: {_listing(misshaped)}")
   if problems:
+    backbone = BACKBONE_OF.get(arch)
+    if backbone and any(k.startswith(("features.", "layer1.")) for k in unexpected):
+      problems.append(f"this looks like an ImageNet classifier: load it with "
+                      f"arch {backbone} and use backbone_to_segmentation_variables")
     raise UserError(f"state_dict does not match {arch}: " + "; ".join(problems))
 
   if reinit:
@@ -365,7 +370,7 @@ def backbone_to_segmentation_variables(
     raise UserError(f"unknown segmentation arch {arch!r}; valid: "
                     f"{', '.join(SEGMENTATION_ARCHS)}")
   spec = ARCHS[arch]
-  backbone_abstract = _abstract_variables(ARCHS[BACKBONE_OF[arch]].build(0, False))
+  backbone_abstract = abstract_variables(ARCHS[BACKBONE_OF[arch]].build(0, False))
   want = jax.tree.map(lambda x: x.shape, backbone_abstract)
   got = jax.tree.map(lambda x: tuple(np.shape(x)), dict(backbone_variables))
   if want != got:
@@ -455,7 +460,7 @@ def load_checkpoint(output_dir: str) -> tuple[nn.Module, dict[str, Any]]:
   with open(meta_path) as f:
     meta = json.load(f)
   module = _build(meta["arch"], meta["num_classes"], meta["aux_loss"])
-  abstract = _abstract_variables(module)
+  abstract = abstract_variables(module)
 
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   checkpointer = ocp.StandardCheckpointer()

@@ -1,0 +1,115 @@
+"""Benchmarks: python -m tcr_jax.bench train-step | codec [options].
+
+train-step times one jitted training step (forward, backward, Adam) of the
+paper's depth base model: half-resolution codec (g_a, entropy model, g_s),
+LRASPP MobileNetV3-L depth head and the reconstruction decoder, the same
+sub-model as shared/bench/torch_reference.py. It prints one JSON line:
+images_per_s, step_ms, peak_gib, batch, height, width, backend.
+
+No TensorFlow is imported: this runs on a GPU box with only jax installed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _peak_gib():
+  import jax
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return None if peak is None else round(peak / 2**30, 2)
+
+
+def train_step(config_spec: str, batch: int, height: int, width: int,
+               steps: int = 20, warmup: int = 3, dtype: str | None = None) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from tcr_jax import configs_lib, train
+  from tcr_jax.tasks import losses
+  from tcr_jax.codec import entropy
+  config = configs_lib.load_config(config_spec)
+  with config.unlocked():
+    if dtype:
+      config.model.compute_dtype = dtype
+  model = train.base_model(config)
+  x = jax.random.uniform(jax.random.key(0), (batch, height, width, 3))
+  disparity = jax.random.uniform(jax.random.key(1), (batch, height, width)) * 100
+  valid = jax.random.uniform(jax.random.key(2), (batch, height, width)) > 0.2
+  variables = jax.jit(model.init)(jax.random.key(3, impl="rbg"), x[:1])
+  tx = optax.adam(config.train.learning_rate)
+  hp = {"alpha": jnp.float32(1e-3), "beta": jnp.float32(0.01)}
+  state = (variables["params"], variables["batch_stats"],
+           tx.init(variables["params"]))
+
+  def step(state, batch_data):
+    params, batch_stats, opt_state = state
+
+    def loss_fn(p):
+      loss, (metrics, bs) = train.base_objective(
+          model, {"params": p, "batch_stats": batch_stats}, batch_data,
+          jax.random.key(0), hp, train=True)
+      return loss, bs
+
+    (loss, bs), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), bs, opt_state), loss
+
+  step = jax.jit(step, donate_argnums=0)
+  data = {"image": x, "disparity": disparity, "valid": valid}
+  t_compile = time.perf_counter()
+  for _ in range(warmup):
+    state, loss = step(state, data)
+  jax.block_until_ready(loss)
+  compile_s = time.perf_counter() - t_compile
+  t = time.perf_counter()
+  for _ in range(steps):
+    state, loss = step(state, data)
+  jax.block_until_ready(loss)
+  dt = (time.perf_counter() - t) / steps
+  return {"impl": "tcr_jax", "config": config_spec,
+          "dtype": config.model.compute_dtype,
+          "entropy_model": config.entropy_model,
+          "images_per_s": round(batch / dt, 2), "step_ms": round(dt * 1e3, 2),
+          "peak_gib": _peak_gib(), "batch": batch, "height": height,
+          "width": width, "backend": jax.default_backend(),
+          "device": jax.devices()[0].device_kind,
+          "warmup_s": round(compile_s, 1), "loss": float(loss)}
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m tcr_jax.bench")
+  sub = p.add_subparsers(dest="what", required=True)
+  s = sub.add_parser("train-step", help="time the depth base model's train step")
+  s.add_argument("--config", default="configs/depth_recon.py")
+  s.add_argument("--batch", type=int, default=10)
+  s.add_argument("--height", type=int, default=1024)
+  s.add_argument("--width", type=int, default=2048)
+  s.add_argument("--steps", type=int, default=20)
+  s.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+  s = sub.add_parser("codec", help="time compress/decompress per entropy model")
+  s.add_argument("--height", type=int, default=1024)
+  s.add_argument("--width", type=int, default=2048)
+  s.add_argument("--repeats", type=int, default=3)
+  a = p.parse_args(argv)
+  from tcr_jax.errors import UserError
+  try:
+    if a.what == "train-step":
+      print(json.dumps(train_step(a.config, a.batch, a.height, a.width,
+                                  a.steps, dtype=a.dtype)), flush=True)
+    else:
+      from tcr_jax import bench_codec
+      for row in bench_codec.run(a.height, a.width, repeats=a.repeats):
+        print(json.dumps(row), flush=True)
+  except UserError as e:
+    print(f"tcr_jax.bench: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
