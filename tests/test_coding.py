@@ -140,7 +140,8 @@ def test_parameter_quantization_and_fix_lists():
   # nearest level in log; the clamp at 0.11 and beyond 256
   np.testing.assert_array_equal(coding.scale_index(table), np.arange(64))
   assert coding.scale_index([0.01, 0.11, 1e4]).tolist() == [0, 0, 63]
-  assert coding.scale_index([bounds[5] * 0.999, bounds[5] * 1.001]).tolist() == [4, 5]
+  assert coding.scale_index([bounds[5] * 0.999,
+                             bounds[5] * 1.001]).tolist() == [4, 5]
   # listed elements take the side below their nearest boundary
   assert coding.scale_index([bounds[5] * 1.001], [True]).tolist() == [4]
   assert coding.scale_index([bounds[5] * 0.999], [True]).tolist() == [4]
@@ -256,6 +257,32 @@ def test_decode_survives_another_backends_parameter_noise(name):
                          param_transform=noisy)
 
 
+@pytest.mark.parametrize("name", ["checkerboard", "conditional-serial"])
+def test_decode_with_perturbed_network_weights(name):
+  # another backend, simulated by relative 1e-6 noise on the weights of the
+  # parameter networks (the prior's tables come from identical weights)
+  em, variables, side = _setup(name)
+  y = jnp.asarray(np.random.default_rng(7).normal(0, 3, (1, 12, 12, C)),
+                  jnp.float32)
+  if side is not None:
+    side = jnp.asarray(np.random.default_rng(2).normal(0, 2, (1, 12, 12, SIDE_C)),
+                       jnp.float32)
+  rng = np.random.default_rng(0)
+  perturbed = {"params": {
+      k: v if k == "z_prior" else jax.tree_util.tree_map(
+          lambda a: a * (1 + 1e-6 * rng.standard_normal(a.shape)).astype(
+              np.float32), v)
+      for k, v in variables["params"].items()}}
+  s0, m0 = coding.latent_parameters(em, variables, y, side)
+  s1, m1 = coding.latent_parameters(em, perturbed, y, side)
+  deviation = max(np.max(np.abs(s1 - s0) / np.maximum(1, np.abs(s0))),
+                  np.max(np.abs(m1 - m0) / np.maximum(1, np.abs(m0))))
+  assert 0 < deviation < coding.DEFAULT_TOL
+  streams, _ = coding.encode_latent(em, variables, y, side)
+  y_hat = coding.decode_latent(em, perturbed, streams, y.shape, side)
+  np.testing.assert_array_equal(y_hat, ops.ste_round(y))
+
+
 def test_serial_schedules_agree():
   em, variables, _ = _setup("conditional-serial")
   y = _latent(seed=5, shape=(2, 4, 9, C))
@@ -338,14 +365,14 @@ def test_scalable_base_decodes_alone():
 def tiny_codecs():
   image = bench_codec.smooth_image(256, 512, seed=1)
   out = {}
-  for kind in ("hyperprior", "context"):
+  for kind in ("hyperprior", "checkerboard", "context"):
     model = models.ImageCodec(entropy_model=kind, **TINY)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
     out[kind] = model, bench_codec.realistic_variables(model, variables, image)
   return out, image
 
 
-@pytest.mark.parametrize("kind", ["hyperprior", "context"])
+@pytest.mark.parametrize("kind", ["hyperprior", "checkerboard", "context"])
 def test_file_size_matches_the_estimated_rate(tiny_codecs, kind):
   codecs, image = tiny_codecs
   model, variables = codecs[kind]
@@ -406,3 +433,54 @@ def test_bench_codec_runs_tiny():
             "backend"} <= set(r)
     assert r["encode_ms"] > 0 and r["decode_ms"] > 0
     assert (r["height"], r["width"], r["backend"]) == (64, 64, "cpu")
+
+
+def _random_variables(model, *args, seed=0):
+  """Variables of model's shapes, drawn directly (LRASPP's init takes ~50 s
+  on two cores): kernels N(0, 1 / fan_in), batch statistics (0, 1)."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, s):
+    name = jax.tree_util.keystr(path)
+    if "batch_stats" in name:
+      return (jnp.ones if "var" in name else jnp.zeros)(s.shape, s.dtype)
+    fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 1
+    return jnp.asarray(rng.normal(0, fan_in ** -0.5, s.shape), s.dtype)
+
+  shapes = jax.eval_shape(model.init, jax.random.key(seed), *args)
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def test_layered_file_base_decodes_alone():
+  # DepthBase + Enhancement (smoke widths): the paper's scalable file
+  kw = dict(latent_channels=8, widths=(4, 6, 8), analysis_blocks=1,
+            task_blocks=1, recon_blocks=1)
+  base = models.DepthBase(hyper_channels=4, **kw)
+  enh = models.Enhancement(side_channels=8, **kw)
+  x = jnp.asarray(bench_codec.smooth_image(40, 72, seed=4))
+  base_vars = _random_variables(base, x)
+  y_base = ops.ste_round(coding._layer_programs(base)[0](base_vars, x))
+  enh_vars = _random_variables(enh, ops.downsample_2x(x), y_base, seed=1)
+  data = coding.compress_layers(base, base_vars, x, enh, enh_vars)
+  assert coding.compress_layers(base, base_vars, x, enh, enh_vars) == data
+  header, streams = bitstream.unpack(data)
+  assert list(streams) == ["base", "enhancement"]
+  full = coding.decompress_layers(base, base_vars, data, enh, enh_vars)
+  np.testing.assert_array_equal(full["y_base"], y_base)
+  y_enh = ops.ste_round(coding._layer_programs(enh)[0](enh_vars, x))
+  np.testing.assert_array_equal(full["y_enhancement"], y_enh)
+  assert full["disparity"].shape == (1, 40, 72)
+  assert full["x_rec"].shape == (1, 40, 72, 3)
+  assert full["x_hat"].shape == (1, 20, 36, 3)
+  # the base alone: without the enhancement model, or from a base-only file
+  alone = coding.decompress_layers(base, base_vars, data)
+  assert "y_enhancement" not in alone
+  np.testing.assert_array_equal(alone["y_base"], y_base)
+  base_only = bitstream.pack({"base": streams["base"]}, header.fingerprint,
+                             (40, 72))
+  np.testing.assert_array_equal(
+      coding.decompress_layers(base, base_vars, base_only, enh,
+                               enh_vars)["disparity"], full["disparity"])
+  other = jax.tree_util.tree_map(lambda a: a + 1e-3, enh_vars)
+  with pytest.raises(BitstreamError, match="enhancement model"):
+    coding.decompress_layers(base, base_vars, data, enh, other)

@@ -194,3 +194,35 @@ def test_preempted_run_ends_like_an_uninterrupted_one(smoke_run, tmp_path):
         assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (k, a, b)
       else:
         assert a[k] == b[k]
+
+
+def test_depth_seg_smoke_runs_segmentation_enhancement(tmp_path):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "depth_seg", os.path.join(ROOT, "configs", "depth_seg.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  config = mod.get_config("smoke")
+  config.sweep.alphas = (0.05,)
+  config.sweep.methods = ("proposal",)
+  config.sweep.standalone = False
+  config.train.base_steps = 2
+  config.train.enhancement_steps = 2
+  records = train.train_and_evaluate(config, str(tmp_path))
+  enh = [r for r in records if r["layer"] == "enhancement"]
+  assert len(enh) == 1 and enh[0]["experiment"] == "depth_seg"
+  assert 0.0 <= enh[0]["miou"] <= 1.0 and enh[0]["bpp_enhancement"] > 0
+  assert "psnr" not in enh[0]
+  assert os.path.getsize(tmp_path / "previews" / "alpha0.05_proposal.png") > 100
+
+
+def test_paper_config_without_data_says_what_to_run(tmp_path):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "depth_seg", os.path.join(ROOT, "configs", "depth_seg.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  with pytest.raises(UserError, match=":synthetic"):
+    train.train_and_evaluate(mod.get_config(), str(tmp_path))
+  with pytest.raises(ValueError, match="variant"):
+    mod.get_config("tiny")

@@ -122,6 +122,8 @@ API
   compress(model, variables, image)               -> bytes (ImageCodec)
   decompress(model, variables, data)              -> (x_hat, info)
   encode_image(model, variables, image)           -> (bytes, info)
+  compress_layers(base, vars, image, enh, vars)   -> bytes (DepthBase +
+  decompress_layers(base, vars, data, enh, vars)  -> dict   Enhancement)
 
 Malformed streams raise bitstream.BitstreamError (never anything else, never
 a hang: every loop is bounded by the latent size).
@@ -131,7 +133,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import math
 import threading
 from typing import Any, Callable, Mapping
 
@@ -228,7 +229,8 @@ def _derfc(x) -> np.ndarray:
   erfc_small = 1.0 - 2.0 * _INV_SQRT_PI * total
   z = np.where(small, 1.5, x)
   f = z.copy()
-  for k in range(80, 0, -1):  # erfc = e^{-z^2} / sqrt(pi) / (z + (1/2)/(z + 1/(z + ...)))
+  # erfc(z) = e^{-z^2} / sqrt(pi) / (z + (1/2) / (z + 1 / (z + (3/2) / ...)))
+  for k in range(80, 0, -1):
     f = z + (0.5 * k) / f
   erfc_large = _dexp(-z * z) * _INV_SQRT_PI / f
   return np.where(small, erfc_small, erfc_large)
@@ -364,7 +366,8 @@ def _encode_uints(enc, values) -> None:
     sel = nbits > start
     width = np.minimum(nbits[sel] - start, 16)
     chunk = (low[sel] >> start) & ((np.int64(1) << width) - 1)
-    enc.encode(chunk.astype(np.int32), _UNIFORM, (np.int64(1) << width).astype(np.int32))
+    sizes = (np.int64(1) << width).astype(np.int32)
+    enc.encode(chunk.astype(np.int32), _UNIFORM, sizes)
 
 
 def _decode_uints(dec, count: int) -> np.ndarray:
@@ -1130,7 +1133,8 @@ def decode_scalable(base_em, base_variables, streams: Mapping[str, bytes],
 # Image level: ImageCodec files.
 
 
-def image_entropy_model(model) -> tuple[entropy_models.GaussianEntropyModel, Callable]:
+def image_entropy_model(model
+                        ) -> tuple[entropy_models.GaussianEntropyModel, Callable]:
   """ImageCodec's entropy model as a standalone module, and a function
   mapping the codec's variables to the entropy model's."""
   em = entropy_models.make_entropy_model(model.entropy_model,
@@ -1185,6 +1189,151 @@ def _as_image(image) -> jax.Array:
 def latent_shape(model, height: int, width: int) -> tuple[int, int, int, int]:
   d = 16
   return (1, -(-height // d), -(-width // d), model.latent_channels)
+
+
+# --------------------------------------------------------------------------
+# The paper's layered files: DepthBase ("base") + Enhancement ("enhancement").
+
+
+def _m_base_analysis(m, x):
+  return m.g_a(m.down(ops.downsample_2x(x))).astype(jnp.float32)
+
+
+def _m_half_analysis(m, x_half):
+  return m.g_a(x_half).astype(jnp.float32)
+
+
+def _m_base_outputs(m, y_hat):
+  return m.task(y_hat), m.reconstruct(y_hat)
+
+
+def _m_enhancement_outputs(m, y_hat, half_size, out_size):
+  out = ops.crop(m.g_s(y_hat).astype(jnp.float32), half_size)
+  if m.task_name == "reconstruction":
+    return out
+  logits = m.head(out)
+  if out_size is not None:
+    from tcr_jax.tasks.layers import resize_bilinear
+    logits = {k: resize_bilinear(v, out_size) for k, v in logits.items()}
+  return logits
+
+
+def layer_entropy_model(model) -> entropy_models.GaussianEntropyModel:
+  """The entropy model of a DepthBase or Enhancement layer, standalone."""
+  if hasattr(model, "side_channels"):
+    return entropy_models.make_conditional_model(
+        model.latent_channels, model.side_channels, model.context,
+        model.quantizer)
+  return entropy_models.make_entropy_model(
+      model.entropy_model, model.latent_channels, model.quantizer,
+      model.hyper_channels)
+
+
+@functools.lru_cache(maxsize=8)
+def _layer_programs(model):
+  """Jitted (analysis, outputs) of a DepthBase or an Enhancement."""
+  if hasattr(model, "side_channels"):
+    def analysis(v, x):
+      padded, _ = ops.pad_to_multiple(ops.downsample_2x(x), model.multiple)
+      return model.apply(v, padded, method=_m_half_analysis)
+
+    def outputs(v, y_hat, half_size, out_size):
+      return model.apply(v, y_hat, half_size, out_size,
+                         method=_m_enhancement_outputs)
+
+    return jax.jit(analysis), jax.jit(outputs, static_argnums=(2, 3))
+
+  def analysis(v, x):
+    padded, _ = ops.pad_to_multiple(x, model.multiple)
+    return model.apply(v, padded, method=_m_base_analysis)
+
+  def outputs(v, y_hat, size):
+    disparity, x_rec = model.apply(v, y_hat, method=_m_base_outputs)
+    return disparity[:, :size[0], :size[1]], ops.crop(x_rec, size)
+
+  return jax.jit(analysis), jax.jit(outputs, static_argnums=2)
+
+
+def _layer_latent_shape(model, height: int, width: int) -> tuple[int, ...]:
+  """DepthBase: x padded to 32, then / 2 and / 16; Enhancement: the half-
+  resolution image padded to 16, then / 16."""
+  if hasattr(model, "side_channels"):
+    height, width = -(-height // 2), -(-width // 2)
+  d = model.multiple
+  return (1, -(-height // d), -(-width // d), model.latent_channels)
+
+
+def compress_layers(base_model, base_variables, image, enhancement_model=None,
+                    enhancement_variables=None, *, tol: float = DEFAULT_TOL
+                    ) -> bytes:
+  """A layered file: stream "base" (DepthBase) and, optionally,
+  "enhancement" (Enhancement conditioned on the decoded base latent).
+
+  The container's fingerprint is the base model's, so a reader holding only
+  the base model decodes the base; the enhancement stream starts with the
+  enhancement model's own 8-byte fingerprint.
+  """
+  x = _as_image(image)
+  em = layer_entropy_model(base_model)
+  ev = {"params": base_variables["params"]["em"]}
+  y_base = _layer_programs(base_model)[0](base_variables, x)
+  base, info = encode_latent(em, ev, y_base, tol=tol)
+  streams = {"base": bitstream.join_streams(base)}
+  if enhancement_model is not None:
+    y_enh = _layer_programs(enhancement_model)[0](enhancement_variables, x)
+    enh, _ = encode_latent(layer_entropy_model(enhancement_model),
+                           {"params": enhancement_variables["params"]["em"]},
+                           y_enh, side=info["y_hat"], tol=tol)
+    streams["enhancement"] = (model_fingerprint(enhancement_model,
+                                                enhancement_variables)
+                              + bitstream.join_streams(enh))
+  return bitstream.pack(streams, model_fingerprint(base_model, base_variables),
+                        x.shape[1:3])
+
+
+def decompress_layers(base_model, base_variables, data: bytes,
+                      enhancement_model=None, enhancement_variables=None
+                      ) -> dict[str, Any]:
+  """Decodes a `compress_layers` file.
+
+  Always decodes the base: y_base, disparity (1, H, W), x_rec (1, H, W, 3).
+  With an enhancement model and an "enhancement" stream, also y_enhancement
+  and x_hat (half resolution) or logits (resized to H x W).
+
+  Raises:
+    BitstreamError: corrupt, foreign, or another model's file or stream.
+  """
+  header, streams = bitstream.unpack(
+      data, model_fingerprint(base_model, base_variables), required=("base",))
+  size = (header.height, header.width)
+  em = layer_entropy_model(base_model)
+  y_base = decode_latent(em, {"params": base_variables["params"]["em"]},
+                         bitstream.split_streams(streams["base"]),
+                         _layer_latent_shape(base_model, *size))
+  disparity, x_rec = _layer_programs(base_model)[1](base_variables, y_base, size)
+  out = {"height": size[0], "width": size[1], "bits": 8 * len(data),
+         "stream_bytes": dict(header.stream_lengths), "y_base": y_base,
+         "disparity": disparity, "x_rec": x_rec}
+  if enhancement_model is None or "enhancement" not in streams:
+    return out
+  payload = streams["enhancement"]
+  fp = model_fingerprint(enhancement_model, enhancement_variables)
+  if payload[:len(fp)] != fp:
+    raise BitstreamError("enhancement stream was written by a different "
+                         "enhancement model or configuration")
+  y_enh = decode_latent(
+      layer_entropy_model(enhancement_model),
+      {"params": enhancement_variables["params"]["em"]},
+      bitstream.split_streams(payload[len(fp):]),
+      _layer_latent_shape(enhancement_model, *size), side=y_base)
+  half = (-(-size[0] // 2), -(-size[1] // 2))
+  result = _layer_programs(enhancement_model)[1](
+      enhancement_variables, y_enh, half,
+      None if enhancement_model.task_name == "reconstruction" else size)
+  out["y_enhancement"] = y_enh
+  out["x_hat" if enhancement_model.task_name == "reconstruction"
+      else "logits"] = result
+  return out
 
 
 def encode_image(model, variables, image, *, tol: float = DEFAULT_TOL
