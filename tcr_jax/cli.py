@@ -28,6 +28,20 @@ def _import_torchvision(args: argparse.Namespace) -> None:
   print(json.dumps(summary))
 
 
+def _compress(args: argparse.Namespace) -> None:
+  from tcr_jax import compression
+  import json
+  print(json.dumps(compression.compress_file(
+      args.workdir, args.input, args.output, args.checkpoint)))
+
+
+def _decompress(args: argparse.Namespace) -> None:
+  from tcr_jax import compression
+  import json
+  print(json.dumps(compression.decompress_file(
+      args.workdir, args.input, args.output_dir, args.layers, args.checkpoint)))
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="tcr-jax",
@@ -53,6 +67,22 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--output", required=True, help="checkpoint directory")
   s.set_defaults(func=_import_torchvision)
 
+  s = sub.add_parser("compress", help="image -> .tcr file with a trained workdir")
+  s.add_argument("--workdir", required=True, help="training workdir")
+  s.add_argument("--input", required=True, help="image file (PNG, JPEG, ...)")
+  s.add_argument("--output", required=True, help=".tcr file to write")
+  s.add_argument("--checkpoint", default=None,
+                 help="stage name, e.g. enhancement_proposal_alpha1 (default: "
+                      "the proposal at the middle alpha)")
+  s.set_defaults(func=_compress)
+
+  s = sub.add_parser("decompress", help=".tcr file -> PNGs")
+  s.add_argument("--workdir", required=True, help="training workdir")
+  s.add_argument("--input", required=True, help=".tcr file")
+  s.add_argument("--output-dir", required=True)
+  s.add_argument("--layers", default="all", choices=["base", "all"])
+  s.add_argument("--checkpoint", default=None)
+  s.set_defaults(func=_decompress)
   return p
 
 
@@ -64,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     msg = e.args[0] if e.args else repr(e)
     print(f"tcr-jax {args.command}: error: {msg}", file=sys.stderr)
     return 2
+  except Exception as e:  # no traceback for users of the file commands
+    if args.command not in ("compress", "decompress"):
+      raise
+    print(f"tcr-jax {args.command}: error: {type(e).__name__}: {e}".splitlines()[0],
+          file=sys.stderr)
+    return 1
   return 0
 
 

@@ -555,6 +555,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   """Runs the whole sweep; returns the records written to results.json."""
   os.makedirs(workdir, exist_ok=True)
   trainer = Trainer(config, workdir)
+  # What `tcr-jax compress/decompress --workdir` rebuild the models from.
+  _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
   from clu import metric_writers  # imports TensorFlow: keep it here
 
   def writer_factory(logdir):

@@ -1,0 +1,241 @@
+"""Image files in, .tcr files out, with the models of a training workdir.
+
+  tcr-jax compress   --workdir W --input IMAGE --output FILE.tcr [--checkpoint NAME]
+  tcr-jax decompress --workdir W --input FILE.tcr --output-dir DIR [--layers base|all]
+
+NAME is a stage of W (default: the proposal at the middle alpha):
+"enhancement_<method>_alpha<a>" codes the base and the enhancement layer,
+"base_<method>_alpha<a>" the base alone. The file holds the base stream
+(hyper-latent and latent of the depth base layer) and, optionally, the
+enhancement stream, which needs the decoded base to decode.
+
+Input images in other modes (grayscale, RGBA, palette, 16-bit) are converted
+to 8-bit RGB as PIL's convert("RGB") does, with a one-line warning.
+Nothing is written unless the whole operation succeeds.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import sys
+import tempfile
+
+import numpy as np
+
+from tcr_jax.errors import UserError
+
+MIN_SIDE = 32  # one latent cell of the base layer
+
+
+def _config(workdir: str):
+  import ml_collections
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise UserError(f"{workdir} is not a training workdir (no config.json); "
+                    "train with python -m tcr_jax.main first")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def _finished_stages(workdir: str) -> list[str]:
+  done = glob.glob(os.path.join(workdir, "stages", "*", "done.json"))
+  return sorted(os.path.basename(os.path.dirname(d)) for d in done)
+
+
+def _pick(workdir: str, checkpoint: str | None) -> tuple[str, str | None]:
+  """(base stage, enhancement stage or None)."""
+  stages = _finished_stages(workdir)
+  usable = [s for s in stages if not s.startswith("enhancement_standalone")]
+  if not usable:
+    raise UserError(f"no finished models in {workdir}/stages")
+  if checkpoint is None:
+    enh = [s for s in usable if s.startswith("enhancement_proposal_")] or \
+          [s for s in usable if s.startswith("enhancement_")]
+    if enh:
+      alpha = lambda s: float(s.rsplit("alpha", 1)[1])
+      enh.sort(key=alpha)
+      checkpoint = enh[len(enh) // 2]
+    else:
+      checkpoint = usable[0]
+  if checkpoint not in usable:
+    raise UserError(f"no finished model {checkpoint!r} in {workdir}; "
+                    f"choose one of: {', '.join(usable)}")
+  m = re.fullmatch(r"(base|enhancement)_(baseline|proposal)_alpha(.+)", checkpoint)
+  if not m:
+    raise UserError(f"cannot use {checkpoint!r}: the standalone enhancement has no base")
+  base = f"base_{m.group(2)}_alpha{m.group(3)}"
+  if base not in stages:
+    raise UserError(f"the base {base!r} of {checkpoint!r} is not finished")
+  return base, (checkpoint if m.group(1) == "enhancement" else None)
+
+
+def _restore(workdir: str, stage: str, model, sample_args) -> dict:
+  import jax
+  import orbax.checkpoint as ocp
+  abstract = jax.eval_shape(model.init, jax.random.key(0), *sample_args)
+  path = os.path.abspath(os.path.join(workdir, "stages", stage, "final"))
+  with ocp.StandardCheckpointer() as ckpt:
+    return ckpt.restore(path, abstract)
+
+
+def load_models(workdir: str, checkpoint: str | None = None):
+  """(config, (base model, variables), (enhancement model, variables) | None)."""
+  import jax.numpy as jnp
+  from tcr_jax import train
+  config = _config(workdir)
+  base_stage, enh_stage = _pick(workdir, checkpoint)
+  base = train.base_model(config)
+  h, w = 64, 64
+  x = jnp.zeros((1, h, w, 3))
+  base_vars = _restore(workdir, base_stage, base, (x,))
+  enh = None
+  if enh_stage:
+    model = train.enhancement_model(config)
+    y_b = jnp.zeros((1, h // 32, w // 32, config.model.latent_channels))
+    import functools
+    init_args = (jnp.zeros((1, h // 2, w // 2, 3)), y_b)
+    import jax
+    abstract = jax.eval_shape(functools.partial(model.init, out_size=(h, w)),
+                              jax.random.key(0), *init_args)
+    import orbax.checkpoint as ocp
+    path = os.path.abspath(os.path.join(workdir, "stages", enh_stage, "final"))
+    with ocp.StandardCheckpointer() as ckpt:
+      enh = (model, ckpt.restore(path, abstract))
+  return config, (base, base_vars), enh, (base_stage, enh_stage)
+
+
+def read_image(path: str) -> np.ndarray:
+  """8-bit RGB (H, W, 3); other modes converted with a one-line warning."""
+  from PIL import Image, UnidentifiedImageError
+  if not os.path.isfile(path):
+    raise UserError(f"{path}: no such file")
+  try:
+    with Image.open(path) as img:
+      img.load()
+      mode = img.mode
+      if mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, np.float64)
+        scale = 65535.0 if arr.max() > 255 else 255.0
+        img = Image.fromarray((arr / scale * 255).round().astype(np.uint8)).convert("RGB")
+      elif mode != "RGB":
+        img = img.convert("RGB")
+      rgb = np.asarray(img, np.uint8)
+  except (UnidentifiedImageError, OSError, ValueError) as e:
+    raise UserError(f"{path}: not a readable image ({type(e).__name__})") from None
+  if mode != "RGB":
+    print(f"warning: {path}: converted {mode} to 8-bit RGB", file=sys.stderr)
+  if rgb.shape[0] < MIN_SIDE or rgb.shape[1] < MIN_SIDE:
+    raise UserError(f"{path}: {rgb.shape[1]}x{rgb.shape[0]} is smaller than one "
+                    f"latent cell ({MIN_SIDE}x{MIN_SIDE} pixels)")
+  return rgb
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tcr-")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def _stream_bits(data: bytes, fingerprint: bytes) -> dict[str, int]:
+  from tcr_jax.codec import bitstream
+  _, streams = bitstream.unpack(data, fingerprint)
+  base = bitstream.split_streams(streams["base"])
+  bits = {"hyper": 8 * len(base.get("hyper", b"")), "base": 8 * len(base["y"])}
+  if not base.get("hyper"):
+    bits.pop("hyper")
+  if "enhancement" in streams:
+    bits["enhancement"] = 8 * (len(streams["enhancement"]) - 8)  # less its fingerprint
+  return bits
+
+
+def _estimated_bits(config, base, enh, rgb) -> dict[str, float]:
+  import jax.numpy as jnp
+  from tcr_jax.codec import entropy, ops
+  (bmodel, bvars) = base
+  x = jnp.asarray(rgb[None], jnp.float32) / 255.0
+  padded, _ = ops.pad_to_multiple(x, bmodel.multiple)
+  y_b, lik = bmodel.apply(bvars, padded, method=bmodel.encode)
+  est = {}
+  if "z" in lik:
+    est["hyper"] = float(entropy.bits(lik["z"])[0])
+  est["base"] = float(entropy.bits(lik["y"])[0])
+  if enh is not None:
+    emodel, evars = enh
+    out = emodel.apply(evars, ops.downsample_2x(x), y_b, train=False,
+                       out_size=x.shape[1:3])
+    est["enhancement"] = float(entropy.bits(out["likelihoods"])[0])
+  return {k: round(v, 1) for k, v in est.items()}
+
+
+def compress_file(workdir: str, input_path: str, output: str,
+                  checkpoint: str | None = None) -> dict:
+  from tcr_jax.codec import coding
+  _config(workdir), _pick(workdir, checkpoint)  # cheap checks first
+  rgb = read_image(input_path)
+  config, base, enh, stages = load_models(workdir, checkpoint)
+  data = coding.compress_layers(base[0], base[1], rgb,
+                                *(enh if enh is not None else (None, None)))
+  fp = coding.model_fingerprint(*base)
+  summary = {"bytes": len(data), "bits": _stream_bits(data, fp),
+             "estimated_bits": _estimated_bits(config, base, enh, rgb),
+             "model": "+".join(s for s in stages if s)}
+  _atomic_write(output, data)
+  return summary
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+  import io
+  from PIL import Image
+  buf = io.BytesIO()
+  Image.fromarray(array).save(buf, "PNG")
+  return buf.getvalue()
+
+
+def decompress_file(workdir: str, input_path: str, output_dir: str,
+                    layers: str = "all", checkpoint: str | None = None) -> dict:
+  from PIL import Image
+  from tcr_jax.codec import coding
+  if layers not in ("base", "all"):
+    raise UserError(f"--layers must be base or all, not {layers!r}")
+  if not os.path.isfile(input_path):
+    raise UserError(f"{input_path}: no such file")
+  with open(input_path, "rb") as f:
+    data = f.read()
+  config, base, enh, stages = load_models(workdir, checkpoint)
+  use_enh = enh if layers == "all" else (None, None)
+  out = coding.decompress_layers(base[0], base[1], data, *use_enh)
+  h, w = out["height"], out["width"]
+  files = {}
+  disparity = np.asarray(out["disparity"])[0]
+  # Cityscapes' encoding: p = 256 * disparity + 1 (0 = invalid), 16-bit.
+  files["disparity.png"] = _png_bytes(
+      np.clip(np.round(disparity * 256 + 1), 1, 65535).astype(np.uint16))
+  if "x_hat" in out:
+    half = np.asarray(out["x_hat"])[0]
+    img = Image.fromarray((np.clip(half, 0, 1) * 255).round().astype(np.uint8))
+    files["reconstruction.png"] = _png_bytes(
+        np.asarray(img.resize((w, h), Image.Resampling.BICUBIC)))
+  else:
+    files["reconstruction.png"] = _png_bytes(
+        (np.clip(np.asarray(out["x_rec"])[0], 0, 1) * 255).round().astype(np.uint8))
+  if "logits" in out:
+    labels = np.asarray(out["logits"]["out"])[0].argmax(-1).astype(np.uint8)
+    files["segmentation.png"] = _png_bytes(labels)
+  fp = coding.model_fingerprint(*base)
+  summary = {"bytes": len(data), "bits": _stream_bits(data, fp),
+             "layers": "all" if "y_enhancement" in out else "base",
+             "files": sorted(files)}
+  os.makedirs(output_dir, exist_ok=True)
+  for name, payload in files.items():
+    _atomic_write(os.path.join(output_dir, name), payload)
+  return summary
