@@ -139,6 +139,9 @@ def _atomic_write(path: str, data: bytes) -> None:
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(data)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is not what users expect
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
