@@ -84,6 +84,8 @@ def experiment_config(experiment: str, enhancement_task: str,
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 10
   c.eval.previews = 4
+  # Validation images also compressed to real files (bpp_actual_* records).
+  c.eval.actual_bits_images = 500
 
   # Optional starting points: orbax checkpoints written by
   # `tcr-jax import-torchvision` (ImageNet backbones or task weights).
@@ -114,6 +116,7 @@ def experiment_config(experiment: str, enhancement_task: str,
     c.train.eval_every = 50
     c.train.eval_images_during_training = 16
     c.eval.batch_size = 16
+    c.eval.actual_bits_images = 8
   elif arg == "smoke":
     c.data.name = "synthetic"
     # 64x128: at 32x64 the depth head's stride-16 features are 1x1 and its
@@ -138,6 +141,7 @@ def experiment_config(experiment: str, enhancement_task: str,
     c.train.eval_images_during_training = 4
     c.eval.batch_size = 4
     c.eval.previews = 2
+    c.eval.actual_bits_images = 2
   return c
 
 

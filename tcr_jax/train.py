@@ -388,6 +388,34 @@ class Trainer:
     out["loss"] = alpha * (side * bpp_b + bpp_e) + distortion
     return out
 
+  def actual_rates(self, stage: Stage, variables: PyTree) -> dict:
+    """Real file sizes: the first eval.actual_bits_images validation images
+    compressed with the range coder (tcr_jax.codec.coding), in bits per
+    full-resolution pixel; the base stream counts the container header."""
+    from tcr_jax.codec import bitstream, coding
+    n = min(self.config.eval.actual_bits_images, self.eval_images)
+    if n <= 0 or jax.process_index() != 0:
+      return {}
+    images = self.val_data.batch(range(n))["image"]
+    pixels = images.shape[1] * images.shape[2]
+    total = 0.0
+    for img in images:
+      if stage.kind == "base":
+        total += 8 * len(coding.compress_layers(self.base, variables, img))
+        continue
+      x = jnp.asarray(img[None])
+      y_b = coding._layer_programs(self.base)[0](stage.frozen, x)
+      em = coding.layer_entropy_model(self.base)
+      _, info = coding.encode_latent(em, {"params": stage.frozen["params"]["em"]}, y_b)
+      side = info["y_hat"] if stage.hp["side_gate"] > 0 else None
+      y_e = coding._layer_programs(self.enh)[0](variables, x)
+      streams, _ = coding.encode_latent(
+          coding.layer_entropy_model(self.enh),
+          {"params": variables["params"]["em"]}, y_e, side=side)
+      total += 8 * len(bitstream.join_streams(streams))
+    key = "bpp_actual_base" if stage.kind == "base" else "bpp_actual_enhancement"
+    return {key: total / n / pixels, "actual_images": n}
+
   # ------------------------------------------------------------------ stages
 
   def run_stage(self, stage: Stage, writer_factory) -> tuple[PyTree, dict]:
@@ -468,6 +496,7 @@ class Trainer:
       variables = _variables(state)
     _save(final_dir, variables)
     metrics, _ = self.evaluate(stage, variables, self.eval_images)
+    metrics.update(self.actual_rates(stage, variables))
     _write_json(done_path, {"stage": stage.name, "hp": stage.hp,
                             "steps": stage.steps, "metrics": metrics})
     log(f"[{stage.name}] done: {_fmt(metrics)}")
@@ -585,7 +614,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       enh_vars, em = trainer.run_stage(estage, writer_factory)
       records.append(_record(c, "enhancement", method, alpha, beta,
                              {**em, "depth_rmse": bm["depth_rmse"],
-                              "psnr_from_base": bm["psnr_from_base"]}))
+                              "psnr_from_base": bm["psnr_from_base"],
+                              "bpp_actual_base": bm.get("bpp_actual_base")}))
       previews.append((alpha, method, bstage, base_vars, estage, enh_vars))
     if c.sweep.standalone:
       sstage = Stage(stage_name("enhancement", "standalone", alpha),
@@ -621,4 +651,8 @@ def _record(c, layer, method, alpha, beta, m) -> dict:
       "psnr_from_base": m.get("psnr_from_base"),
       enh_metric: m.get(enh_metric),
       "loss": m.get("loss"),
+      # Real file sizes on the first `actual_images` validation images.
+      "bpp_actual_base": m.get("bpp_actual_base"),
+      "bpp_actual_enhancement": m.get("bpp_actual_enhancement"),
+      "actual_images": m.get("actual_images"),
   }

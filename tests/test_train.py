@@ -61,11 +61,15 @@ def test_results_have_every_field(smoke_run):
     assert FIELDS <= set(r), r
     assert r["experiment"] == "depth_recon" and r["alpha"] == 0.05
     assert np.isfinite(r["loss"])
+    assert r["actual_images"] == 2
     if r["layer"] == "base":
+      # A real file: within a few percent of the estimate plus the header.
+      assert r["bpp_actual_base"] > 0
       assert r["bpp_enhancement"] is None and r["bpp_base"] > 0
       assert r["depth_rmse"] > 0 and np.isfinite(r["psnr_from_base"])
       assert r["beta"] == (0.0 if r["method"] == "baseline" else 0.01)
     else:
+      assert r["bpp_actual_enhancement"] > 0
       assert r["bpp_enhancement"] > 0 and np.isfinite(r["psnr"])
       assert (r["bpp_base"] is None) == (r["method"] == "standalone")
   for name in ("bd_rate.md", "rd_base_task.png", "rd_enhancement.png",
