@@ -355,7 +355,7 @@ class Trainer:
       sums, outputs = fn(variables, batch, hp, stage.frozen)
       for k, v in sums.items():
         totals[k] = totals.get(k, 0) + np.asarray(jax.device_get(v), np.float64)
-      if keep_outputs and len(kept.get("image", [])) * 1 < keep_outputs:
+      if keep_outputs and sum(map(len, kept.get("image", []))) < keep_outputs:
         outputs = dict(outputs, image=batch["image"])
         for k, v in outputs.items():
           kept.setdefault(k, []).append(np.asarray(jax.device_get(v)))
