@@ -163,6 +163,8 @@ class Trainer:
                devices=None):
     self.config = config
     self.workdir = workdir
+    self.train_data = make_dataset(config, "train")  # data errors first
+    self.val_data = make_dataset(config, "validation")
     self.mesh = sharding.data_mesh(devices)
     n_dev = self.mesh.size
     for what, b in (("train.batch_size", config.train.batch_size),
@@ -171,8 +173,6 @@ class Trainer:
         raise UserError(f"{what}={b} is not divisible by the {n_dev} devices")
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P("data"))
-    self.train_data = make_dataset(config, "train")
-    self.val_data = make_dataset(config, "validation")
     self.eval_images = min(config.data.eval_images, len(self.val_data))
     self.base = base_model(config)
     self.enh = enhancement_model(config)
