@@ -42,6 +42,12 @@ def _decompress(args: argparse.Namespace) -> None:
       args.workdir, args.input, args.output_dir, args.layers, args.checkpoint)))
 
 
+def _prepare_data(args: argparse.Namespace) -> None:
+  import json
+  from tcr_jax.data.prepare import prepare_data
+  print(json.dumps(prepare_data(args.dataset, args.manual_dir, args.data_dir)))
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="tcr-jax",
@@ -66,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--state-dict", required=True, help=".pth file (torch.save)")
   s.add_argument("--output", required=True, help="checkpoint directory")
   s.set_defaults(func=_import_torchvision)
+
+  s = sub.add_parser("prepare-data",
+                     help="build the tfds Cityscapes / COCO 2017 datasets")
+  s.add_argument("--dataset", required=True, choices=["cityscapes", "coco"])
+  s.add_argument("--manual-dir", default=None,
+                 help="downloaded archives (Cityscapes: the three trainvaltest zips)")
+  s.add_argument("--data-dir", required=True,
+                 help="tfds data dir; point config.data.data_dir to it")
+  s.set_defaults(func=_prepare_data)
 
   s = sub.add_parser("compress", help="image -> .tcr file with a trained workdir")
   s.add_argument("--workdir", required=True, help="training workdir")

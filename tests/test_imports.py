@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-COMPUTE_MODULES = ["tcr_jax.codec", "tcr_jax.models", "tcr_jax.tasks",
+COMPUTE_MODULES = ["tcr_jax.codec", "tcr_jax.models", "tcr_jax.tasks", "tcr_jax.train", "tcr_jax.bench", "tcr_jax.data",
                    "tcr_jax.data.synthetic", "tcr_jax.cli"]
 
 

@@ -226,7 +226,9 @@ def test_paper_config_without_data_says_what_to_run(tmp_path):
       "depth_seg", os.path.join(ROOT, "configs", "depth_seg.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  with pytest.raises(UserError, match=":synthetic"):
-    train.train_and_evaluate(mod.get_config(), str(tmp_path))
+  config = mod.get_config()
+  config.data.data_dir = str(tmp_path / "no_data")
+  with pytest.raises(UserError, match="prepare-data.*:synthetic"):
+    train.train_and_evaluate(config, str(tmp_path))
   with pytest.raises(ValueError, match="variant"):
     mod.get_config("tiny")

@@ -1,4 +1,4 @@
-"""Datasets: the embedded synthetic scenes, and (later) tfds pipelines.
+"""Datasets: the embedded synthetic scenes and Cityscapes through tfds.
 
 `make_dataset(config, split)` returns an indexable dataset whose
 `batch(indices)` gives host numpy batches in the training layout:
@@ -44,7 +44,6 @@ def make_dataset(config, split: str):
                              config.seed)
     return SceneBatches(scenes, config.task.ignore_index)
   if name == "cityscapes":
-    raise UserError(
-        "the Cityscapes pipeline is not available in this version; run the "
-        "embedded dataset with --config=configs/<experiment>.py:synthetic")
+    from tcr_jax.data.pipeline import TfdsBatches  # imports TensorFlow
+    return TfdsBatches(config, split)
   raise UserError(f"unknown dataset {name!r}; expected 'synthetic' or 'cityscapes'")

@@ -1,0 +1,169 @@
+"""The Cityscapes tfds builder on tiny fake zips in the official layout."""
+import io
+import os
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tcr_jax.data import cityscapes
+from tcr_jax.errors import UserError
+
+H, W = 32, 64
+FRAMES = {"train": [("aachen", "000000", "000019"), ("aachen", "000001", "000019"),
+                    ("bochum", "000000", "000313")],
+          "val": [("frankfurt", "000000", "000294"), ("lindau", "000000", "000019")]}
+LABEL_IDS = np.array([0, 1, 4, 7, 8, 11, 17, 24, 26, 29, 33], np.uint8)
+
+
+def _png(array: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  if array.dtype == np.uint16:
+    Image.fromarray(array.astype(np.uint16)).save(buf, format="PNG")
+  else:
+    Image.fromarray(array).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def sample(split: str, key, h: int = H, w: int = W) -> dict:
+  """Deterministic source arrays for one frame."""
+  rng = np.random.default_rng(abs(hash((split,) + key)) % 2**32)
+  image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+  label_ids = rng.choice(LABEL_IDS, size=(h, w)).astype(np.uint8)
+  disparity = rng.integers(1, 30000, (h, w)).astype(np.uint16)
+  disparity[: h // 4] = 0  # no ground truth in the top rows (sky)
+  return {"image": image, "label_ids": label_ids, "disparity": disparity}
+
+
+def write_zips(root, frames=FRAMES, h: int = H, w: int = W,
+               drop_disparity: int = 0) -> dict:
+  """The three official zips under root; returns the source arrays."""
+  os.makedirs(root, exist_ok=True)
+  src = {}
+  with zipfile.ZipFile(os.path.join(root, cityscapes.ZIPS["image"]), "w") as zi, \
+       zipfile.ZipFile(os.path.join(root, cityscapes.ZIPS["labels"]), "w") as zl, \
+       zipfile.ZipFile(os.path.join(root, cityscapes.ZIPS["disparity"]), "w") as zd:
+    zi.writestr("README", "fake")
+    for split, keys in frames.items():
+      for n, key in enumerate(keys):
+        city, stem = key[0], "_".join(key)
+        s = sample(split, key, h, w)
+        src[stem] = s
+        zi.writestr(f"leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png",
+                    _png(s["image"]))
+        base = f"gtFine/{split}/{city}/{stem}_gtFine"
+        zl.writestr(f"{base}_labelIds.png", _png(s["label_ids"]))
+        zl.writestr(f"{base}_color.png", _png(s["image"]))
+        zl.writestr(f"{base}_polygons.json", "{}")
+        if n >= drop_disparity:
+          zd.writestr(f"disparity/{split}/{city}/{stem}_disparity.png",
+                      _png(s["disparity"]))
+  return src
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+  root = tmp_path_factory.mktemp("cityscapes")
+  src = write_zips(str(root / "manual"))
+  builder = cityscapes.make_builder(str(root / "data"))
+  import tensorflow_datasets as tfds
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=str(root / "manual")))
+  return builder, src
+
+
+def test_label_table_matches_cityscapes_scripts():
+  ids = np.arange(34, dtype=np.uint8)
+  train = cityscapes.to_train_ids(ids)
+  assert sorted(train[train != 255].tolist()) == list(range(19))
+  assert train[7] == 0 and train[26] == 13 and train[33] == 18
+  assert train[0] == train[6] == train[29] == train[30] == 255
+
+
+def test_decode_disparity():
+  d, v = cityscapes.decode_disparity(np.array([0, 1, 257, 65535], np.uint16))
+  np.testing.assert_array_equal(v, [False, True, True, True])
+  np.testing.assert_allclose(d, [0.0, 0.0, 1.0, 65534 / 256])
+
+
+def test_split_counts(built):
+  builder, _ = built
+  assert builder.info.splits["train"].num_examples == 3
+  assert builder.info.splits["validation"].num_examples == 2
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_values_match_source(built, split):
+  builder, src = built
+  source = builder.as_data_source(split=split)
+  names = set()
+  for i in range(len(source)):
+    ex = source[i]
+    name = ex["file_name"]
+    name = name.decode() if isinstance(name, bytes) else str(name)
+    names.add(name)
+    s = src[name]
+    np.testing.assert_array_equal(ex["image"], s["image"])
+    np.testing.assert_array_equal(
+        ex["segmentation"][..., 0], cityscapes.to_train_ids(s["label_ids"]))
+    raw = cityscapes.read_disparity_png(ex["disparity_png"])
+    np.testing.assert_array_equal(raw, s["disparity"])
+    disparity, valid = cityscapes.decode_disparity(raw)
+    p = s["disparity"].astype(np.float64)
+    np.testing.assert_array_equal(valid, p > 0)
+    np.testing.assert_allclose(disparity[p > 0], (p[p > 0] - 1) / 256)
+    assert not valid[0].any()
+  folder = cityscapes.SPLITS[split]
+  assert names == {"_".join(k) for k in FRAMES[folder]}
+
+
+def test_missing_zip_names_zip_and_url(tmp_path):
+  write_zips(str(tmp_path))
+  os.remove(tmp_path / cityscapes.ZIPS["disparity"])
+  with pytest.raises(UserError) as err:
+    cityscapes.check_manual_dir(str(tmp_path))
+  msg = str(err.value)
+  assert cityscapes.ZIPS["disparity"] in msg and cityscapes.DOWNLOAD_URL in msg
+  assert "\n" not in msg
+
+
+def test_missing_partner_is_a_user_error(tmp_path):
+  write_zips(str(tmp_path), frames={"train": FRAMES["train"][:2]},
+             drop_disparity=1)
+  paths = cityscapes.check_manual_dir(str(tmp_path))
+  with pytest.raises(UserError, match="disparity_trainvaltest.zip"):
+    list(cityscapes.generate_examples(paths, "train"))
+
+
+def test_truncated_zip_is_a_user_error(tmp_path):
+  write_zips(str(tmp_path))
+  (tmp_path / cityscapes.ZIPS["labels"]).write_bytes(b"PK\x03\x04 truncated")
+  with pytest.raises(UserError, match="download gtFine_trainvaltest.zip again"):
+    cityscapes.check_manual_dir(str(tmp_path))
+
+
+def test_prepare_data_cityscapes(tmp_path):
+  from tcr_jax.data.prepare import prepare_data
+  write_zips(str(tmp_path / "manual"), frames={"train": FRAMES["train"][:1],
+                                               "val": FRAMES["val"][:1]})
+  out = prepare_data("cityscapes", str(tmp_path / "manual"), str(tmp_path / "data"))
+  assert out["splits"] == {"train": 1, "validation": 1}
+  with pytest.raises(UserError, match="leftImg8bit_trainvaltest.zip"):
+    prepare_data("cityscapes", str(tmp_path / "empty"), str(tmp_path / "data2"))
+
+
+def test_prepare_data_coco_failure_is_a_user_error(tmp_path, monkeypatch):
+  """No network here: only the wiring to tfds's coco/2017 is checked."""
+  import tensorflow_datasets as tfds
+  from tcr_jax.data import prepare
+
+  def offline(self, **kw):
+    assert kw["download_config"].manual_dir == tmp_path
+    raise ConnectionError("no route to images.cocodataset.org")
+
+  monkeypatch.setattr(type(tfds.builder("coco/2017", data_dir=str(tmp_path))),
+                      "download_and_prepare", offline)
+  with pytest.raises(UserError, match="cocodataset.org") as err:
+    prepare.prepare_data("coco", str(tmp_path), str(tmp_path / "data"))
+  assert "\n" not in str(err.value)
