@@ -167,3 +167,23 @@ def test_prepare_data_coco_failure_is_a_user_error(tmp_path, monkeypatch):
   with pytest.raises(UserError, match="cocodataset.org") as err:
     prepare.prepare_data("coco", str(tmp_path), str(tmp_path / "data"))
   assert "\n" not in str(err.value)
+
+
+def test_smoke_training_on_fake_cityscapes(tmp_path):
+  """The paper config's data path end to end: zips -> prepare-data -> train."""
+  from tcr_jax import cli, train
+  from test_train import smoke_config
+  write_zips(str(tmp_path / "manual"))
+  assert cli.main(["prepare-data", "--dataset", "cityscapes", "--manual-dir",
+                   str(tmp_path / "manual"), "--data-dir",
+                   str(tmp_path / "tfds")]) == 0
+  config = smoke_config(**{"data.name": "cityscapes",
+                           "data.data_dir": str(tmp_path / "tfds"),
+                           "data.eval_images": 2, "eval.batch_size": 4,
+                           "train.base_steps": 2, "train.enhancement_steps": 2})
+  config.sweep.methods = ("baseline",)
+  config.sweep.standalone = False
+  records = train.train_and_evaluate(config, str(tmp_path / "work"))
+  assert [r["layer"] for r in records] == ["base", "enhancement"]
+  assert all(np.isfinite(r["loss"]) for r in records)
+  assert records[0]["depth_rmse"] > 0 and records[1]["bpp_enhancement"] > 0
