@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tcr_jax import train
+from tcr_jax import configs_lib, train
 from tcr_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,13 +20,13 @@ FIELDS = {"experiment", "method", "alpha", "beta", "bpp_base", "bpp_enhancement"
           "depth_rmse", "psnr_from_base", "psnr", "loss"}
 
 
+def load(experiment, variant=""):
+  return configs_lib.load_config(
+      os.path.join(ROOT, "configs", f"{experiment}.py") + (f":{variant}" if variant else ""))
+
+
 def smoke_config(**overrides):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      "depth_recon", os.path.join(ROOT, "configs", "depth_recon.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  config = mod.get_config("smoke")
+  config = load("depth_recon", "smoke")
   config.sweep.alphas = (0.05,)
   for k, v in overrides.items():
     node = config
@@ -201,12 +201,7 @@ def test_preempted_run_ends_like_an_uninterrupted_one(smoke_run, tmp_path):
 
 
 def test_depth_seg_smoke_runs_segmentation_enhancement(tmp_path):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      "depth_seg", os.path.join(ROOT, "configs", "depth_seg.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  config = mod.get_config("smoke")
+  config = load("depth_seg", "smoke")
   config.sweep.alphas = (0.05,)
   config.sweep.methods = ("proposal",)
   config.sweep.standalone = False
@@ -221,14 +216,9 @@ def test_depth_seg_smoke_runs_segmentation_enhancement(tmp_path):
 
 
 def test_paper_config_without_data_says_what_to_run(tmp_path):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      "depth_seg", os.path.join(ROOT, "configs", "depth_seg.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  config = mod.get_config()
+  config = load("depth_seg")
   config.data.data_dir = str(tmp_path / "no_data")
   with pytest.raises(UserError, match="prepare-data.*:synthetic"):
     train.train_and_evaluate(config, str(tmp_path))
-  with pytest.raises(ValueError, match="variant"):
-    mod.get_config("tiny")
+  with pytest.raises(UserError, match="variant"):
+    load("depth_seg", "tiny")
