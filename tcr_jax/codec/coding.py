@@ -709,15 +709,7 @@ def _m_h_a(m, y):
 
 def _m_static_features(m, z_hat, side, shape):
   """The features of em.parameters that do not depend on y_hat, in order."""
-  b, h, w, _ = shape
-  features = []
-  if m.hyperprior:
-    features.append(m.h_s(z_hat)[:, :h, :w, :])
-  if m.side_channels:
-    if side is None:
-      side = jnp.zeros((b, h, w, m.side_channels), jnp.float32)
-    features.append(m.side_branch(side))
-  return features
+  return m.static_features(z_hat, side, shape)
 
 
 def _m_entropy_parameters(m, x):

@@ -165,6 +165,19 @@ class GaussianEntropyModel(nn.Module):
       self.context_conv = layers.conv(2 * c, 5)
     self.entropy_parameters = EntropyParameters(c, self.activation)
 
+  def static_features(self, z_hat, side, shape) -> list[jax.Array]:
+    """The inputs of the parameter network that do not depend on y_hat:
+    h_s(z_hat) and the side branch (zeros for side=None), in order."""
+    b, h, w, _ = shape
+    features = []
+    if self.hyperprior:
+      features.append(self.h_s(z_hat)[:, :h, :w, :])
+    if self.side_channels:
+      if side is None:
+        side = jnp.zeros((b, h, w, self.side_channels), jnp.float32)
+      features.append(self.side_branch(side))
+    return features
+
   def parameters(self, y_hat: jax.Array, z_hat: jax.Array | None = None,
                  side: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """(scale, mean) for every element of y_hat, as the decoder sees them.
@@ -174,13 +187,7 @@ class GaussianEntropyModel(nn.Module):
     ((i + j) even) nothing from y_hat and non-anchors only anchors.
     """
     b, h, w, _ = y_hat.shape
-    features = []
-    if self.hyperprior:
-      features.append(self.h_s(z_hat)[:, :h, :w, :])
-    if self.side_channels:
-      if side is None:
-        side = jnp.zeros((b, h, w, self.side_channels), y_hat.dtype)
-      features.append(self.side_branch(side))
+    features = self.static_features(z_hat, side, y_hat.shape)
     if self.context == "serial":
       features.append(self.context_conv(y_hat))
     elif self.context == "checkerboard":
