@@ -3,7 +3,7 @@
 train-step times one jitted training step (forward, backward, Adam) of the
 paper's depth base model: half-resolution codec (g_a, entropy model, g_s),
 LRASPP MobileNetV3-L depth head and the reconstruction decoder, the same
-sub-model as shared/bench/torch_reference.py. It prints one JSON line:
+sub-model as the PyTorch reference benchmark of the authors' code. It prints one JSON line:
 images_per_s, step_ms, peak_gib, batch, height, width, backend.
 
 No TensorFlow is imported: this runs on a GPU box with only jax installed.
@@ -25,51 +25,40 @@ def _peak_gib():
 
 def train_step(config_spec: str, batch: int, height: int, width: int,
                steps: int = 20, warmup: int = 3, dtype: str | None = None) -> dict:
+  """Times the depth base layer's training step, the one training runs
+  (tcr_jax.train.train_step with base_loss_fn, L_b), on random data."""
+  import functools
   import jax
   import jax.numpy as jnp
-  import numpy as np
-  import optax
-  from tcr_jax import configs_lib, train
-  from tcr_jax.tasks import losses
-  from tcr_jax.codec import entropy
+  from tcr_jax import configs_lib, models, train
   config = configs_lib.load_config(config_spec)
   with config.unlocked():
     if dtype:
       config.model.compute_dtype = dtype
-  model = train.base_model(config)
+  model = models.base_model(config)
   x = jax.random.uniform(jax.random.key(0), (batch, height, width, 3))
   disparity = jax.random.uniform(jax.random.key(1), (batch, height, width)) * 100
   valid = jax.random.uniform(jax.random.key(2), (batch, height, width)) > 0.2
   variables = jax.jit(model.init)(jax.random.key(3, impl="rbg"), x[:1])
-  tx = optax.adam(config.train.learning_rate)
+  tx = train.optimizer(config, "base")
+  state = train.TrainState(
+      step=jnp.int32(0), apply_fn=model.apply, params=variables["params"],
+      tx=tx, opt_state=tx.init(variables["params"]),
+      batch_stats=variables["batch_stats"], rng=jax.random.PRNGKey(0))
   hp = {"alpha": jnp.float32(1e-3), "beta": jnp.float32(0.01)}
-  state = (variables["params"], variables["batch_stats"],
-           tx.init(variables["params"]))
-
-  def step(state, batch_data):
-    params, batch_stats, opt_state = state
-
-    def loss_fn(p):
-      loss, (metrics, bs) = train.base_objective(
-          model, {"params": p, "batch_stats": batch_stats}, batch_data,
-          jax.random.key(0), hp, train=True)
-      return loss, bs
-
-    (loss, bs), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), bs, opt_state), loss
-
-  step = jax.jit(step, donate_argnums=0)
+  step = jax.jit(functools.partial(
+      train.train_step, loss_fn=functools.partial(train.base_loss_fn, model)),
+      donate_argnums=0)
   data = {"image": x, "disparity": disparity, "valid": valid}
   t_compile = time.perf_counter()
   for _ in range(warmup):
-    state, loss = step(state, data)
-  jax.block_until_ready(loss)
+    state, metrics = step(state, data, hp, None)
+  jax.block_until_ready(metrics)
   compile_s = time.perf_counter() - t_compile
   t = time.perf_counter()
   for _ in range(steps):
-    state, loss = step(state, data)
-  jax.block_until_ready(loss)
+    state, metrics = step(state, data, hp, None)
+  jax.block_until_ready(metrics)
   dt = (time.perf_counter() - t) / steps
   return {"impl": "tcr_jax", "config": config_spec,
           "dtype": config.model.compute_dtype,
@@ -78,7 +67,7 @@ def train_step(config_spec: str, batch: int, height: int, width: int,
           "peak_gib": _peak_gib(), "batch": batch, "height": height,
           "width": width, "backend": jax.default_backend(),
           "device": jax.devices()[0].device_kind,
-          "warmup_s": round(compile_s, 1), "loss": float(loss)}
+          "warmup_s": round(compile_s, 1), "loss": float(metrics["loss"])}
 
 
 def main(argv=None) -> int:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tcr_jax import models
-from tcr_jax.codec import coding, ops
+from tcr_jax.codec import files, latent_coding
 
 PAPER = dict(latent_channels=192, widths=(24, 48, 192), blocks=3)
 
@@ -69,8 +69,7 @@ def realistic_variables(model: models.ImageCodec, variables, image,
   by a relative `variation` (the initialised network's own output, rescaled).
   """
   params = jax.tree_util.tree_map(np.array, jax.device_get(variables["params"]))
-  padded, _ = ops.pad_to_multiple(jnp.asarray(image), 16)
-  y = np.asarray(model.apply(variables, padded, method=lambda m, x: m.g_a(x)))
+  y = np.asarray(model.apply(variables, jnp.asarray(image), method="analysis"))
   a = latent_std / max(float(y.std()), 1e-6)
   last = params["g_a"][_last_conv(params["g_a"])]
   last["kernel"] *= a
@@ -80,8 +79,8 @@ def realistic_variables(model: models.ImageCodec, variables, image,
   out = params["em"]["entropy_parameters"][_last_conv(
       params["em"]["entropy_parameters"])]
   out["bias"][:] = 0.0
-  em, em_vars = coding.image_entropy_model(model)
-  scale, mean = coding.latent_parameters(em, em_vars({"params": params}), y)
+  scale, mean = latent_coding.latent_parameters(
+      model.entropy_model(), model.entropy_variables({"params": params}), y)
   spread = [np.maximum(np.asarray(v).reshape(-1, c).std(axis=0), 1e-6)
             for v in (scale, mean)]
   std = np.maximum(y.reshape(-1, c).std(axis=0), 0.2)
@@ -114,14 +113,14 @@ def run(height: int = 1024, width: int = 2048,
   image = smooth_image(height, width, seed)
   results = []
   for kind in kinds:
-    model = models.ImageCodec(entropy_model=kind, **kwargs)
+    model = models.ImageCodec(entropy_model_name=kind, **kwargs)
     variables = model.init(jax.random.key(seed), jnp.zeros((1, 64, 64, 3)))
     variables = realistic_variables(model, variables, image, seed=seed)
-    data, info = coding.encode_image(model, variables, image)  # warm-up
-    x_hat, _ = coding.decompress(model, variables, data)
-    encode_ms = _median_ms(lambda: coding.compress(model, variables, image),
+    data, info = files.encode_image(model, variables, image)  # warm-up
+    x_hat, _ = files.decompress(model, variables, data)
+    encode_ms = _median_ms(lambda: files.compress(model, variables, image),
                            repeats)
-    decode_ms = _median_ms(lambda: coding.decompress(model, variables, data)[0],
+    decode_ms = _median_ms(lambda: files.decompress(model, variables, data)[0],
                            repeats)
     result = {
         "entropy_model": kind, "encode_ms": round(encode_ms, 1),

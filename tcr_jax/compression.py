@@ -71,38 +71,31 @@ def _pick(workdir: str, checkpoint: str | None) -> tuple[str, str | None]:
   return base, (checkpoint if m.group(1) == "enhancement" else None)
 
 
-def _restore(workdir: str, stage: str, model, sample_args) -> dict:
+def _restore(workdir: str, stage: str, model, *sample_args) -> dict:
+  """The stage's result (its best checkpoint), shaped by an abstract init."""
   import jax
-  import orbax.checkpoint as ocp
+  from tcr_jax import checkpoints
   abstract = jax.eval_shape(model.init, jax.random.key(0), *sample_args)
-  path = os.path.abspath(os.path.join(workdir, "stages", stage, "final"))
-  with ocp.StandardCheckpointer() as ckpt:
-    return ckpt.restore(path, abstract)
+  abstract.setdefault("batch_stats", {})
+  return checkpoints.load_variables(os.path.join(workdir, "stages", stage),
+                                    abstract)
 
 
 def load_models(workdir: str, checkpoint: str | None = None):
-  """(config, (base model, variables), (enhancement model, variables) | None)."""
+  """(config, (base model, variables), (enhancement model, variables) | None,
+  (base stage, enhancement stage or None))."""
   import jax.numpy as jnp
-  from tcr_jax import train
+  from tcr_jax import models
   config = _config(workdir)
   base_stage, enh_stage = _pick(workdir, checkpoint)
-  base = train.base_model(config)
-  h, w = 64, 64
-  x = jnp.zeros((1, h, w, 3))
-  base_vars = _restore(workdir, base_stage, base, (x,))
+  base = models.base_model(config)
+  x = jnp.zeros((1, 64, 64, 3))
+  base_vars = _restore(workdir, base_stage, base, x)
   enh = None
   if enh_stage:
-    model = train.enhancement_model(config)
-    y_b = jnp.zeros((1, h // 32, w // 32, config.model.latent_channels))
-    import functools
-    init_args = (jnp.zeros((1, h // 2, w // 2, 3)), y_b)
-    import jax
-    abstract = jax.eval_shape(functools.partial(model.init, out_size=(h, w)),
-                              jax.random.key(0), *init_args)
-    import orbax.checkpoint as ocp
-    path = os.path.abspath(os.path.join(workdir, "stages", enh_stage, "final"))
-    with ocp.StandardCheckpointer() as ckpt:
-      enh = (model, ckpt.restore(path, abstract))
+    model = models.enhancement_model(config)
+    y_b = jnp.zeros(base.latent_shape(64, 64))
+    enh = (model, _restore(workdir, enh_stage, model, x, y_b))
   return config, (base, base_vars), enh, (base_stage, enh_stage)
 
 
@@ -161,36 +154,35 @@ def _stream_bits(data: bytes, fingerprint: bytes) -> dict[str, int]:
   return bits
 
 
-def _estimated_bits(config, base, enh, rgb) -> dict[str, float]:
+def _estimated_bits(base, enh, rgb) -> dict[str, float]:
+  """The entropy models' estimates, in bits, per stream."""
   import jax.numpy as jnp
-  from tcr_jax.codec import entropy, ops
-  (bmodel, bvars) = base
+  from tcr_jax.codec import entropy
+  bmodel, bvars = base
   x = jnp.asarray(rgb[None], jnp.float32) / 255.0
-  padded, _ = ops.pad_to_multiple(x, bmodel.multiple)
-  y_b, lik = bmodel.apply(bvars, padded, method=bmodel.encode)
+  y_b, lik = bmodel.apply(bvars, x, method="encode")
   est = {}
   if "z" in lik:
     est["hyper"] = float(entropy.bits(lik["z"])[0])
   est["base"] = float(entropy.bits(lik["y"])[0])
   if enh is not None:
     emodel, evars = enh
-    out = emodel.apply(evars, ops.downsample_2x(x), y_b, train=False,
-                       out_size=x.shape[1:3])
-    est["enhancement"] = float(entropy.bits(out["likelihoods"])[0])
+    _, lik_e = emodel.apply(evars, x, y_b, method="encode")
+    est["enhancement"] = float(entropy.bits(lik_e)[0])
   return {k: round(v, 1) for k, v in est.items()}
 
 
 def compress_file(workdir: str, input_path: str, output: str,
                   checkpoint: str | None = None) -> dict:
-  from tcr_jax.codec import coding
+  from tcr_jax.codec import files
   _config(workdir), _pick(workdir, checkpoint)  # cheap checks first
   rgb = read_image(input_path)
-  config, base, enh, stages = load_models(workdir, checkpoint)
-  data = coding.compress_layers(base[0], base[1], rgb,
-                                *(enh if enh is not None else (None, None)))
-  fp = coding.model_fingerprint(*base)
+  _, base, enh, stages = load_models(workdir, checkpoint)
+  data = files.compress_layers(base[0], base[1], rgb,
+                               *(enh if enh is not None else (None, None)))
+  fp = files.model_fingerprint(*base)
   summary = {"bytes": len(data), "bits": _stream_bits(data, fp),
-             "estimated_bits": _estimated_bits(config, base, enh, rgb),
+             "estimated_bits": _estimated_bits(base, enh, rgb),
              "model": "+".join(s for s in stages if s)}
   _atomic_write(output, data)
   return summary
@@ -207,38 +199,38 @@ def _png_bytes(array: np.ndarray) -> bytes:
 def decompress_file(workdir: str, input_path: str, output_dir: str,
                     layers: str = "all", checkpoint: str | None = None) -> dict:
   from PIL import Image
-  from tcr_jax.codec import coding
+  from tcr_jax.codec import files
   if layers not in ("base", "all"):
     raise UserError(f"--layers must be base or all, not {layers!r}")
   if not os.path.isfile(input_path):
     raise UserError(f"{input_path}: no such file")
   with open(input_path, "rb") as f:
     data = f.read()
-  config, base, enh, stages = load_models(workdir, checkpoint)
-  use_enh = enh if layers == "all" else (None, None)
-  out = coding.decompress_layers(base[0], base[1], data, *use_enh)
+  _, base, enh, _ = load_models(workdir, checkpoint)
+  use_enh = enh if (layers == "all" and enh is not None) else (None, None)
+  out = files.decompress_layers(base[0], base[1], data, *use_enh)
   h, w = out["height"], out["width"]
-  files = {}
+  pngs = {}
   disparity = np.asarray(out["disparity"])[0]
   # Cityscapes' encoding: p = 256 * disparity + 1 (0 = invalid), 16-bit.
-  files["disparity.png"] = _png_bytes(
+  pngs["disparity.png"] = _png_bytes(
       np.clip(np.round(disparity * 256 + 1), 1, 65535).astype(np.uint16))
   if "x_hat" in out:
     half = np.asarray(out["x_hat"])[0]
     img = Image.fromarray((np.clip(half, 0, 1) * 255).round().astype(np.uint8))
-    files["reconstruction.png"] = _png_bytes(
+    pngs["reconstruction.png"] = _png_bytes(
         np.asarray(img.resize((w, h), Image.Resampling.BICUBIC)))
   else:
-    files["reconstruction.png"] = _png_bytes(
+    pngs["reconstruction.png"] = _png_bytes(
         (np.clip(np.asarray(out["x_rec"])[0], 0, 1) * 255).round().astype(np.uint8))
   if "logits" in out:
     labels = np.asarray(out["logits"]["out"])[0].argmax(-1).astype(np.uint8)
-    files["segmentation.png"] = _png_bytes(labels)
-  fp = coding.model_fingerprint(*base)
+    pngs["segmentation.png"] = _png_bytes(labels)
+  fp = files.model_fingerprint(*base)
   summary = {"bytes": len(data), "bits": _stream_bits(data, fp),
              "layers": "all" if "y_enhancement" in out else "base",
-             "files": sorted(files)}
+             "files": sorted(pngs)}
   os.makedirs(output_dir, exist_ok=True)
-  for name, payload in files.items():
+  for name, payload in pngs.items():
     _atomic_write(os.path.join(output_dir, name), payload)
   return summary

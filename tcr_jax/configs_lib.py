@@ -7,7 +7,7 @@ picks a variant, big_vision style:
   "synthetic" the embedded synthetic scenes, sized for a laptop CPU
   "smoke"     tiny everything, for tests (a few seconds per stage)
 
-Every hyper-parameter of DESIGN.md section 2 is a field here.
+Every hyper-parameter of the paper's model (docs/design.md) is a field here.
 """
 from __future__ import annotations
 
@@ -50,10 +50,11 @@ def experiment_config(experiment: str, enhancement_task: str,
   c.enhancement_context = "serial"   # serial (authors) | none | checkerboard
 
   c.task = ml_collections.ConfigDict()
-  c.task.base = "depth"
   c.task.enhancement = enhancement_task  # reconstruction | segmentation
   c.task.num_classes = 20    # 19 Cityscapes train ids + 1 ignore class
   c.task.ignore_index = 19
+  # Segmentation loss: num_classes * (CE(out) + aux_weight * CE(aux)).
+  c.task.aux_weight = 0.5
   # The depth head predicts disparity / disparity_scale: 128 px at 2048 px
   # width (the authors'), scaled with the width for smaller images.
   c.task.disparity_scale = 128.0
@@ -66,7 +67,7 @@ def experiment_config(experiment: str, enhancement_task: str,
   c.sweep.methods = ("baseline", "proposal")
   c.sweep.beta = 0.01
   c.sweep.standalone = True
-  # L_e = alpha_e * (bpp_b + bpp_e) + D_e; None: the base alpha.
+  # L_e = alpha_e * (bpp_b + bpp_e) + D_e with alpha_e = alpha * this scale.
   c.sweep.enhancement_alpha_scale = 10.0 if enhancement_task == "reconstruction" else 1.0
 
   c.train = ml_collections.ConfigDict()

@@ -28,13 +28,13 @@ def main(argv):
   import jax
   if _multi_process():
     jax.distributed.initialize()
-  from tcr_jax import train
+  from tcr_jax import sweep
   from tcr_jax.errors import UserError
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join(
       "workdirs", f"{config.experiment}_{config.variant}")
   try:
-    train.train_and_evaluate(config, workdir)
+    sweep.train_and_evaluate(config, workdir)
   except UserError as e:
     print(f"tcr_jax.main: error: {e}", file=sys.stderr)
     sys.exit(2)

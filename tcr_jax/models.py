@@ -1,18 +1,58 @@
-"""Models assembled from the codec core.
+"""The paper's models, assembled from the codec core and the task heads.
 
-ImageCodec is the plain learned image codec: g_a, an entropy model, g_s.
-It is the reconstruction path that the base and enhancement layers of the
-paper are built from.
+  ImageCodec   plain learned image codec: g_a, an entropy model, g_s
+  DepthBase    the base layer: Y_b for depth (LRASPP MobileNetV3-L), plus the
+               reconstruction decoder whose error is the paper's reward
+  Enhancement  the enhancement layer: Y_e coded given Y_b, for
+               reconstruction or segmentation (DeepLabV3-ResNet-50)
+
+Every model offers the same methods, which the trainer, the evaluation and
+the coder (tcr_jax.codec.files) all call instead of re-implementing them:
+
+  analysis(x)             image -> unquantized latent y (float32), padding
+                          the image to the model's multiple
+  encode(x)               -> (y_hat, likelihoods): analysis + entropy model
+  outputs(y_hat, size)    decoded latent -> the layer's outputs at `size`
+  entropy_model()         the entropy model as an unbound module (nowrap:
+                          callable on the unbound model), and
+  entropy_variables(v)    its variables, for the range coder
+  latent_shape(h, w)      shape of y for one h x w image
+
+docs/design.md describes the architecture and the two objectives
+(tcr_jax/objectives.py).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tcr_jax.codec import entropy, entropy_models, layers, ops, transforms
+from tcr_jax.codec import entropy_models, layers, ops, transforms
+
+PyTree = Any
+
+
+def _dtype(name: str):
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def _ceil_div(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def entropy_variables(variables: PyTree) -> PyTree:
+  """The entropy model's variables inside a model's ({"params": ...["em"]})."""
+  return {"params": variables["params"]["em"]}
+
+
+def gate_gradient(x: jax.Array, gate: jax.Array | float) -> jax.Array:
+  """x in value; its gradient is scaled by `gate` (0: stop_gradient).
+
+  Lets baseline (gate 0) and proposal (gate 1) share one compiled step.
+  """
+  return jax.lax.stop_gradient(x) + gate * (x - jax.lax.stop_gradient(x))
 
 
 class ImageCodec(nn.Module):
@@ -25,59 +65,47 @@ class ImageCodec(nn.Module):
   latent_channels: int = 192
   widths: Sequence[int] = (24, 48, 192)
   blocks: int = 3
-  entropy_model: str = "hyperprior"
+  entropy_model_name: str = "hyperprior"
   hyper_channels: int = 128
   quantizer: str = "ste"
+
+  multiple = transforms.AnalysisTransform.downsampling
+  entropy_variables = staticmethod(entropy_variables)
+
+  @nn.nowrap
+  def entropy_model(self) -> entropy_models.GaussianEntropyModel:
+    return entropy_models.make_entropy_model(
+        self.entropy_model_name, self.latent_channels, self.quantizer,
+        self.hyper_channels)
 
   def setup(self):
     self.g_a = transforms.AnalysisTransform(self.latent_channels, self.widths,
                                             self.blocks)
     self.g_s = transforms.SynthesisTransform(3, tuple(reversed(self.widths)),
                                              self.blocks)
-    self.em = entropy_models.make_entropy_model(
-        self.entropy_model, self.latent_channels, self.quantizer,
-        self.hyper_channels)
+    self.em = self.entropy_model()
+
+  def latent_shape(self, height: int, width: int) -> tuple[int, int, int, int]:
+    return (1, _ceil_div(height, self.multiple), _ceil_div(width, self.multiple),
+            self.latent_channels)
+
+  def analysis(self, x: jax.Array) -> jax.Array:
+    return self.g_a(ops.pad_to_multiple(x, self.multiple)[0])
+
+  def encode(self, x: jax.Array, train: bool = False):
+    return self.em(self.analysis(x), train=train)
+
+  def outputs(self, y_hat: jax.Array, size: tuple[int, int]) -> dict[str, jax.Array]:
+    return {"x_hat": ops.crop(self.g_s(y_hat), size)}
 
   def __call__(self, x: jax.Array, train: bool = False
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    padded, size = ops.pad_to_multiple(x, transforms.AnalysisTransform.downsampling)
-    y_hat, likelihoods = self.em(self.g_a(padded), train=train)
-    x_hat = ops.crop(self.g_s(y_hat), size)
-    return x_hat, likelihoods
-
-
-def psnr(x: jax.Array, x_hat: jax.Array) -> jax.Array:
-  """Per-image PSNR in dB for images in [0, 1]."""
-  mse = jnp.mean((jnp.clip(x_hat, 0, 1) - x) ** 2, axis=tuple(range(1, x.ndim)))
-  return -10.0 * jnp.log10(jnp.maximum(mse, 1e-10))
-
-
-def rate_distortion_loss(x, x_hat, likelihoods, lmbda: float):
-  """bpp + lmbda * 255^2 * MSE (CompressAI's convention); returns (loss, aux)."""
-  num_pixels = x.shape[1] * x.shape[2]
-  rate = entropy.bpp(likelihoods, num_pixels)
-  mse = jnp.mean((x_hat - x) ** 2)
-  return rate + lmbda * 255.0 ** 2 * mse, {"bpp": rate, "mse": mse}
-
-
-# --------------------------------------------------------------------------
-# The paper's two layers.
-
-
-def _dtype(name: str):
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
-
-
-def gate_gradient(x: jax.Array, gate: jax.Array) -> jax.Array:
-  """x in value; its gradient is scaled by `gate` (0: stop_gradient).
-
-  Lets baseline (gate 0) and proposal (gate 1) share one compiled step.
-  """
-  return jax.lax.stop_gradient(x) + gate * (x - jax.lax.stop_gradient(x))
+    y_hat, likelihoods = self.encode(x, train)
+    return self.outputs(y_hat, x.shape[1:3])["x_hat"], likelihoods
 
 
 class DepthBase(nn.Module):
-  """The depth base layer (DESIGN.md section 2).
+  """The depth base layer (docs/design.md).
 
   x (B, H, W, 3) in [0, 1] -> bilinear x1/2 and a learned 5x5 conv -> g_a ->
   entropy model -> y_hat, then
@@ -87,21 +115,28 @@ class DepthBase(nn.Module):
       conv -> x_rec at full resolution, fed with gate_gradient(y_hat, gate):
       gate 1 (proposal) lets the reward shape the latent, gate 0 (baseline)
       only trains the decoder on what the latent already holds.
-  H and W must be multiples of 2; sides that are not multiples of 32 are
-  edge-padded and the outputs cropped back.
+  Sides that are not multiples of 32 are edge-padded and the outputs cropped
+  back.
   """
   latent_channels: int = 192
   widths: Sequence[int] = (24, 48, 192)
   analysis_blocks: int = 3
   task_blocks: int = 1
   recon_blocks: int = 3
-  entropy_model: str = "hyperprior"
+  entropy_model_name: str = "hyperprior"
   hyper_channels: int = 128
   quantizer: str = "ste"
   disparity_scale: float = 128.0
   compute_dtype: str = "float32"
 
   multiple = 32
+  entropy_variables = staticmethod(entropy_variables)
+
+  @nn.nowrap
+  def entropy_model(self) -> entropy_models.GaussianEntropyModel:
+    return entropy_models.make_entropy_model(
+        self.entropy_model_name, self.latent_channels, self.quantizer,
+        self.hyper_channels)
 
   def setup(self):
     from tcr_jax.tasks import LRASPPMobileNetV3
@@ -110,9 +145,7 @@ class DepthBase(nn.Module):
     self.down = layers.conv(3, 5)
     self.g_a = transforms.AnalysisTransform(self.latent_channels, widths,
                                             self.analysis_blocks, dtype=dt)
-    self.em = entropy_models.make_entropy_model(
-        self.entropy_model, self.latent_channels, self.quantizer,
-        self.hyper_channels)
+    self.em = self.entropy_model()
     self.g_s_task = transforms.SynthesisTransform(3, widths[::-1],
                                                   self.task_blocks, dtype=dt)
     self.head = LRASPPMobileNetV3(num_classes=1, task="depth")
@@ -121,11 +154,20 @@ class DepthBase(nn.Module):
                                                  self.recon_blocks, dtype=dt)
     self.up_rec = layers.conv(3, 5)
 
+  def latent_shape(self, height: int, width: int) -> tuple[int, int, int, int]:
+    return (1, _ceil_div(height, self.multiple), _ceil_div(width, self.multiple),
+            self.latent_channels)
+
+  def analysis(self, x: jax.Array) -> jax.Array:
+    """x (B, H, W, 3) -> y (float32), x edge-padded to a multiple of 32."""
+    padded, _ = ops.pad_to_multiple(x, self.multiple)
+    y = self.g_a(self.down(ops.downsample_2x(padded)))
+    return y.astype(jnp.float32)
+
   def encode(self, x: jax.Array, train: bool = False
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """x (padded to a multiple of 32) -> (y_hat, likelihoods)."""
-    y = self.g_a(self.down(ops.downsample_2x(x)))
-    return self.em(y.astype(jnp.float32), train=train)
+    """x -> (y_hat, likelihoods): Y_b, the one way every caller gets it."""
+    return self.em(self.analysis(x), train=train)
 
   def task(self, y_hat: jax.Array, train: bool = False) -> jax.Array:
     """y_hat -> disparity in pixels at the padded full resolution, (B, H, W)."""
@@ -138,25 +180,31 @@ class DepthBase(nn.Module):
     r = self.g_s_rec(y_hat).astype(jnp.float32)
     return self.up_rec(ops.upsample_nearest_2x(r))
 
-  def __call__(self, x: jax.Array, train: bool = False,
-               rec_gate: jax.Array | float = 1.0) -> dict[str, jax.Array]:
-    padded, size = ops.pad_to_multiple(x, self.multiple)
-    y_hat, likelihoods = self.encode(padded, train)
+  def outputs(self, y_hat: jax.Array, size: tuple[int, int],
+              train: bool = False, rec_gate: jax.Array | float = 1.0
+              ) -> dict[str, jax.Array]:
+    """Disparity (B, H, W) and reconstruction (B, H, W, 3) at `size`."""
     disparity = self.task(y_hat, train)[:, :size[0], :size[1]]
     x_rec = ops.crop(self.reconstruct(gate_gradient(y_hat, rec_gate)), size)
-    return {"y_hat": y_hat, "likelihoods": likelihoods,
-            "disparity": disparity, "x_rec": x_rec}
+    return {"disparity": disparity, "x_rec": x_rec}
+
+  def __call__(self, x: jax.Array, train: bool = False,
+               rec_gate: jax.Array | float = 1.0) -> dict[str, jax.Array]:
+    y_hat, likelihoods = self.encode(x, train)
+    out = self.outputs(y_hat, x.shape[1:3], train, rec_gate)
+    return {"y_hat": y_hat, "likelihoods": likelihoods, **out}
 
 
 class Enhancement(nn.Module):
   """The enhancement layer: a second latent coded given the base latent.
 
-  Input: the half-resolution image (ops.downsample_2x of x), the layer's
-  own g_a (so y_e has y_b's spatial size), the conditional entropy model
-  (side branch on y_b plus a causal context), then
-    - reconstruction: g_s (recon_blocks) -> the half-resolution image;
+  x (B, H, W, 3) in [0, 1] -> the half-resolution image (ops.downsample_2x,
+  what the layer reconstructs, as in the authors' code) -> the layer's own
+  g_a (so Y_e has Y_b's spatial size) -> the conditional entropy model (side
+  branch on Y_b plus a causal context), then
+    - reconstruction: g_s (recon_blocks) -> x_hat, the half-resolution image;
     - segmentation: g_s (task_blocks) -> DeepLabV3-R50 (+ aux) -> logits,
-      bilinearly resized to the full label resolution.
+      bilinearly resized to (H, W).
   side=None gives the standalone enhancement (side information zeroed).
   """
   task_name: str = "reconstruction"
@@ -173,6 +221,12 @@ class Enhancement(nn.Module):
   compute_dtype: str = "float32"
 
   multiple = 16  # of the half-resolution input
+  entropy_variables = staticmethod(entropy_variables)
+
+  @nn.nowrap
+  def entropy_model(self) -> entropy_models.GaussianEntropyModel:
+    return entropy_models.make_conditional_model(
+        self.latent_channels, self.side_channels, self.context, self.quantizer)
 
   def setup(self):
     dt = _dtype(self.compute_dtype)
@@ -181,8 +235,7 @@ class Enhancement(nn.Module):
       raise ValueError(f"unknown enhancement task {self.task_name!r}")
     self.g_a = transforms.AnalysisTransform(self.latent_channels, widths,
                                             self.analysis_blocks, dtype=dt)
-    self.em = entropy_models.make_conditional_model(
-        self.latent_channels, self.side_channels, self.context, self.quantizer)
+    self.em = self.entropy_model()
     blocks = (self.recon_blocks if self.task_name == "reconstruction"
               else self.task_blocks)
     self.g_s = transforms.SynthesisTransform(3, widths[::-1], blocks, dtype=dt)
@@ -191,26 +244,64 @@ class Enhancement(nn.Module):
       self.head = DeepLabV3ResNet50(num_classes=self.num_classes,
                                     ignore_index=self.ignore_index)
 
-  def __call__(self, x_half: jax.Array, side: jax.Array | None,
-               train: bool = False, out_size: tuple[int, int] | None = None
-               ) -> dict[str, jax.Array]:
-    padded, size = ops.pad_to_multiple(x_half, self.multiple)
-    y = self.g_a(padded).astype(jnp.float32)
-    y_hat, likelihoods = self.em(y, side, train=train)
-    out = ops.crop(self.g_s(y_hat).astype(jnp.float32), size)
-    result = {"y_hat": y_hat, "likelihoods": likelihoods}
+  @staticmethod
+  def target(x: jax.Array) -> jax.Array:
+    """The image the reconstruction enhancement reproduces."""
+    return ops.downsample_2x(x)
+
+  def latent_shape(self, height: int, width: int) -> tuple[int, int, int, int]:
+    h, w = _ceil_div(height, 2), _ceil_div(width, 2)
+    return (1, _ceil_div(h, self.multiple), _ceil_div(w, self.multiple),
+            self.latent_channels)
+
+  def analysis(self, x: jax.Array) -> jax.Array:
+    padded, _ = ops.pad_to_multiple(self.target(x), self.multiple)
+    return self.g_a(padded).astype(jnp.float32)
+
+  def encode(self, x: jax.Array, side: jax.Array | None, train: bool = False):
+    return self.em(self.analysis(x), side, train=train)
+
+  def outputs(self, y_hat: jax.Array, size: tuple[int, int],
+              train: bool = False) -> dict[str, Any]:
+    """{"x_hat"} at half of `size`, or {"logits": {"out", "aux"}} at `size`."""
+    half = (_ceil_div(size[0], 2), _ceil_div(size[1], 2))
+    out = ops.crop(self.g_s(y_hat).astype(jnp.float32), half)
     if self.task_name == "reconstruction":
-      result["x_hat"] = out
-    else:
-      logits = self.head(out, train=train)
-      if out_size is not None:
-        from tcr_jax.tasks.layers import resize_bilinear
-        logits = {k: resize_bilinear(v, out_size) for k, v in logits.items()}
-      result["logits"] = logits
-    return result
+      return {"x_hat": out}
+    from tcr_jax.tasks.layers import resize_bilinear
+    logits = self.head(out, train=train)
+    return {"logits": {k: resize_bilinear(v, size) for k, v in logits.items()}}
+
+  def __call__(self, x: jax.Array, side: jax.Array | None,
+               train: bool = False) -> dict[str, Any]:
+    y_hat, likelihoods = self.encode(x, side, train)
+    out = self.outputs(y_hat, x.shape[1:3], train)
+    if self.task_name == "reconstruction":
+      out["target"] = self.target(x)
+    return {"y_hat": y_hat, "likelihoods": likelihoods, **out}
 
 
-def rmse_255(x: jax.Array, x_hat: jax.Array) -> jax.Array:
-  """255 * per-image RMSE, averaged over the batch (the authors' recon term)."""
-  mse = jnp.mean((x_hat - x) ** 2, axis=tuple(range(1, x.ndim)))
-  return 255.0 * jnp.mean(jnp.sqrt(mse + 1e-12))
+# --------------------------------------------------------------------------
+# The layers of an experiment config.
+
+
+def base_model(config) -> DepthBase:
+  m = config.model
+  return DepthBase(
+      latent_channels=m.latent_channels, widths=tuple(m.widths),
+      analysis_blocks=m.analysis_blocks, task_blocks=m.task_blocks,
+      recon_blocks=m.recon_blocks, entropy_model_name=config.entropy_model,
+      hyper_channels=m.hyper_channels, quantizer=m.quantizer,
+      disparity_scale=config.task.disparity_scale,
+      compute_dtype=m.compute_dtype)
+
+
+def enhancement_model(config) -> Enhancement:
+  m = config.model
+  return Enhancement(
+      task_name=config.task.enhancement, latent_channels=m.latent_channels,
+      side_channels=m.latent_channels, widths=tuple(m.widths),
+      analysis_blocks=m.analysis_blocks, task_blocks=m.task_blocks,
+      recon_blocks=m.recon_blocks, context=config.enhancement_context,
+      quantizer=m.quantizer, num_classes=config.task.num_classes,
+      ignore_index=config.task.ignore_index, compute_dtype=m.compute_dtype)

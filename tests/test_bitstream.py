@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tcr_jax import bench_codec, models
-from tcr_jax.codec import bitstream, coding
+from tcr_jax.codec import bitstream, files
 from tcr_jax.codec.bitstream import BitstreamError
 from tcr_jax.errors import UserError
 
@@ -151,12 +151,12 @@ def test_varints_and_nested_streams():
 
 @pytest.fixture(scope="module")
 def small_file():
-  model = models.ImageCodec(entropy_model="hyperprior", **TINY)
+  model = models.ImageCodec(entropy_model_name="hyperprior", **TINY)
   image = bench_codec.smooth_image(32, 48, seed=3)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 48, 3)))
   variables = bench_codec.realistic_variables(model, variables, image)
-  data = coding.compress(model, variables, image)
-  x_hat, _ = coding.decompress(model, variables, data)  # valid, and compiled
+  data = files.compress(model, variables, image)
+  x_hat, _ = files.decompress(model, variables, data)  # valid, and compiled
   assert x_hat.shape == (1, 32, 48, 3)
   return model, variables, data
 
@@ -215,7 +215,7 @@ def test_fuzz_decompress_raises_only_bitstream_errors(small_file):
     if mutated == data:
       continue
     try:
-      coding.decompress(model, variables, mutated)
+      files.decompress(model, variables, mutated)
     except BitstreamError as e:
       message = str(e)
       assert message and "\n" not in message
@@ -233,10 +233,10 @@ def test_fingerprint_and_version_refusals_from_decompress(small_file):
   header, streams = bitstream.unpack(data)
   other = bitstream.pack(streams, bytes(8), (header.height, header.width))
   with pytest.raises(BitstreamError, match="different model"):
-    coding.decompress(model, variables, other)
+    files.decompress(model, variables, other)
   with pytest.raises(BitstreamError, match="version"):
-    coding.decompress(model, variables, data[:4] + b"\x07" + data[5:])
+    files.decompress(model, variables, data[:4] + b"\x07" + data[5:])
   missing = bitstream.pack({"y": streams["y"]}, header.fingerprint,
                            (header.height, header.width))
   with pytest.raises(BitstreamError, match="lacks stream"):
-    coding.decompress(model, variables, missing)
+    files.decompress(model, variables, missing)

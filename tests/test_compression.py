@@ -5,32 +5,29 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from tcr_jax import cli, train
+from tcr_jax import checkpoints, cli, compression, train
 from tcr_jax.data.synthetic import SyntheticScenes
-
-from test_train import smoke_config
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, configs):
   """A workdir holding one base and one enhancement stage, as training leaves it."""
   root = tmp_path_factory.mktemp("wd")
-  config = smoke_config()
-  trainer = train.Trainer(config, str(root), devices=jax.devices()[:1])
+  config = configs.smoke()
+  exp = train.Experiment(config, str(root), devices=jax.devices()[:1])
   with open(root / "config.json", "w") as f:
     f.write(config.to_json())
-  for kind, stage in (("base", "base_proposal_alpha0.05"),
-                      ("enhancement", "enhancement_proposal_alpha0.05")):
-    variables = trainer.init_variables(kind)
-    stage_dir = root / "stages" / stage
-    stage_dir.mkdir(parents=True)
-    with ocp.StandardCheckpointer() as ckpt:
-      ckpt.save(str(stage_dir / "final"), variables)
-    (stage_dir / "done.json").write_text(json.dumps({"metrics": {}}))
+  for kind, name in (("base", "base_proposal_alpha0.05"),
+                     ("enhancement", "enhancement_proposal_alpha0.05")):
+    stage_dir = str(root / "stages" / name)
+    state = exp.create_train_state(train.Stage(name, kind, 1, {}))
+    with checkpoints.manager(stage_dir, async_save=False) as mngr:
+      checkpoints.save(mngr, 1, *state.split(), metrics={"loss": 1.0})
+    checkpoints.write_json(os.path.join(stage_dir, checkpoints.DONE),
+                           {"metrics": {}})
   return str(root)
 
 
@@ -77,6 +74,24 @@ def test_compress_decompress_round_trip(workdir, image_path, tmp_path, capsys):
   base_rec = np.asarray(Image.open(tmp_path / "dec_base" / "reconstruction.png"))
   all_rec = np.asarray(Image.open(tmp_path / "dec_all" / "reconstruction.png"))
   assert not np.array_equal(base_rec, all_rec)  # the enhancement was used
+
+  # The decoded pixels are the models' own outputs for the coded latents.
+  _, (bm, bv), (em, ev), _ = compression.load_models(workdir)
+  x = jnp.asarray(np.asarray(Image.open(image_path))[None], jnp.float32) / 255
+  y_b, _ = bm.apply(bv, x, method="encode")
+  y_e, _ = em.apply(ev, x, y_b, method="encode")
+  base_out = bm.apply(bv, y_b, (64, 96), method="outputs")
+  half = np.asarray(em.apply(ev, y_e, (64, 96), method="outputs")["x_hat"])[0]
+  to_u8 = lambda a: (np.clip(a, 0, 1) * 255).round().astype(np.uint8)
+  want_all = np.asarray(Image.fromarray(to_u8(half)).resize(
+      (96, 64), Image.Resampling.BICUBIC))
+  disparity = np.asarray(Image.open(tmp_path / "dec_base" / "disparity.png"))
+  want_disp = np.clip(np.round(np.asarray(base_out["disparity"])[0] * 256 + 1),
+                      1, 65535)
+  for got, want in ((base_rec, to_u8(np.asarray(base_out["x_rec"])[0])),
+                    (all_rec, want_all), (disparity, want_disp)):
+    diff = np.abs(got.astype(np.int64) - want.astype(np.int64))
+    assert diff.max() <= 1 and diff.mean() < 0.01  # rounding of float noise
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "I;16"])

@@ -4,7 +4,10 @@ import sys
 
 import pytest
 
-COMPUTE_MODULES = ["tcr_jax.codec", "tcr_jax.models", "tcr_jax.tasks", "tcr_jax.train", "tcr_jax.bench", "tcr_jax.data",
+COMPUTE_MODULES = ["tcr_jax.codec", "tcr_jax.codec.files", "tcr_jax.models",
+                   "tcr_jax.objectives", "tcr_jax.tasks", "tcr_jax.train",
+                   "tcr_jax.evaluate", "tcr_jax.checkpoints", "tcr_jax.sweep",
+                   "tcr_jax.bench", "tcr_jax.data", "tcr_jax.data.loader",
                    "tcr_jax.data.synthetic", "tcr_jax.cli"]
 
 

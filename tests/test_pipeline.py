@@ -1,9 +1,11 @@
-"""Input pipelines over a tiny prepared Cityscapes set (fake zips)."""
+"""Reading a tiny prepared Cityscapes set (fake zips): batches, shares."""
+import jax
 import numpy as np
 import pytest
 
 from tcr_jax import configs_lib
-from tcr_jax.data import cityscapes, pipeline
+from tcr_jax.data import cityscapes, pipeline, sampler
+from tcr_jax.data.loader import Loader
 from tcr_jax.errors import UserError
 
 from test_cityscapes import H, W, sample, write_zips
@@ -77,45 +79,49 @@ def test_not_prepared_is_a_user_error(tmp_path):
 
 
 def test_global_indices_permute_each_epoch():
-  steps = [pipeline.global_indices(s, 4, 10, 7) for s in range(5)]
+  steps = [sampler.global_indices(s, 4, 10, 7) for s in range(5)]
   flat = np.concatenate(steps)
   assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
   assert not np.array_equal(flat[:10], flat[10:20])
+  # "infinite" datasets (the synthetic scenes) are read in order
+  np.testing.assert_array_equal(sampler.global_indices(3, 4, sampler.INFINITE, 7),
+                                np.arange(12, 16))
 
 
-def _take(config, start, count, **kw):
-  it = pipeline.make_train_iterator(config, start, num_steps=count, **kw)
-  return list(it)
-
-
-def test_iterator_deterministic_resumable(data_dir):
+def test_loader_batches_are_deterministic_and_resumable(data_dir):
   config = make_config(data_dir)
-  first = _take(config, 0, 3)
+  loader = Loader(config)
+  first = [loader.host_train_batch("s", step) for step in range(3)]
   assert first[0]["image"].shape == (4, H, W, 3)
   assert first[0]["labels"].dtype == np.int32 and first[0]["valid"].dtype == bool
-  same = _take(config, 0, 3)
-  resumed = _take(config, 2, 1)
-  other = _take(config, 0, 1, aug_seed=12345)
+  again = Loader(config).host_train_batch("s", 2)  # a resumed run
+  other = loader.host_train_batch("another stage", 0)
   for k in first[0]:
-    for a, b in zip(first, same):
-      np.testing.assert_array_equal(a[k], b[k])
-    np.testing.assert_array_equal(first[2][k], resumed[0][k])
-  assert not np.array_equal(first[0]["image"], other[0]["image"])
-  # The unaugmented content is the trainer's global batch of that step.
-  idx = pipeline.global_indices(2, 4, 5, pipeline.stage_seed(config.seed, "data"))
+    np.testing.assert_array_equal(first[2][k], again[k])
+  assert not np.array_equal(first[0]["image"], other["image"])
+  # The unaugmented content is the global batch of that step, maybe flipped.
+  idx = sampler.global_indices(2, 4, 5, sampler.stage_seed(config.seed, "data"))
   raw = pipeline.TfdsBatches(config, "train").batch(idx)
   for got, want in zip(first[2]["labels"], raw["labels"]):
     assert (np.array_equal(got, want) or np.array_equal(got, want[:, ::-1]))
+  assert loader.reads == 3 * 4 + 4
 
 
-def test_process_shards_are_disjoint_and_cover(data_dir):
+def test_process_shares_are_disjoint_and_augmented_alike(data_dir, monkeypatch):
+  """2 processes read 3 + 2 of a batch of 5; together the very batch (and
+  augmentation) one process reads alone."""
   config = make_config(data_dir, batch_size=5)
-  whole = _take(config, 1, 1)[0]
-  shards = [_take(config, 1, 1, process_index=p, process_count=2)[0]
-            for p in range(2)]
+  whole = Loader(config).host_train_batch("s", 1)
+  shards = []
+  for p in range(2):
+    monkeypatch.setattr(jax, "process_index", lambda p=p: p)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    loader = Loader(config)
+    shards.append(loader.host_train_batch("s", 1))
+    assert loader.reads == (3, 2)[p]
   assert [s["image"].shape[0] for s in shards] == [3, 2]
   for k in whole:
     np.testing.assert_array_equal(np.concatenate([s[k] for s in shards]), whole[k])
-  idx = pipeline.global_indices(1, 5, 5, pipeline.stage_seed(config.seed, "data"))
-  parts = [set(pipeline.process_share(idx, p, 2).tolist()) for p in range(2)]
+  idx = sampler.global_indices(1, 5, 5, sampler.stage_seed(config.seed, "data"))
+  parts = [set(sampler.process_share(idx, p, 2).tolist()) for p in range(2)]
   assert not parts[0] & parts[1] and parts[0] | parts[1] == set(range(5))

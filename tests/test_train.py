@@ -7,41 +7,23 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tcr_jax import configs_lib, train
+from tcr_jax import checkpoints, compression, sweep, train
+from tcr_jax.codec import files
 from tcr_jax.errors import UserError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALPHAS = "(0.05,)"
 FIELDS = {"experiment", "method", "alpha", "beta", "bpp_base", "bpp_enhancement",
           "depth_rmse", "psnr_from_base", "psnr", "loss"}
 
 
-def load(experiment, variant=""):
-  return configs_lib.load_config(
-      os.path.join(ROOT, "configs", f"{experiment}.py") + (f":{variant}" if variant else ""))
-
-
-def smoke_config(**overrides):
-  config = load("depth_recon", "smoke")
-  config.sweep.alphas = (0.05,)
-  for k, v in overrides.items():
-    node = config
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return config
-
-
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
+def smoke_run(tmp_path_factory, configs):
   workdir = str(tmp_path_factory.mktemp("smoke"))
   start = time.perf_counter()
-  records = train.train_and_evaluate(smoke_config(), workdir)
+  records = sweep.train_and_evaluate(configs.smoke(), workdir)
   return workdir, records, time.perf_counter() - start
 
 
@@ -50,6 +32,7 @@ def _load(workdir):
     return json.load(f)
 
 
+@pytest.mark.slow
 def test_results_have_every_field(smoke_run):
   workdir, records, _ = smoke_run
   assert records == _load(workdir)
@@ -63,13 +46,10 @@ def test_results_have_every_field(smoke_run):
     assert np.isfinite(r["loss"])
     assert r["actual_images"] == 2
     if r["layer"] == "base":
-      # A real file: within a few percent of the estimate plus the header.
-      assert r["bpp_actual_base"] > 0
       assert r["bpp_enhancement"] is None and r["bpp_base"] > 0
       assert r["depth_rmse"] > 0 and np.isfinite(r["psnr_from_base"])
       assert r["beta"] == (0.0 if r["method"] == "baseline" else 0.01)
     else:
-      assert r["bpp_actual_enhancement"] > 0
       assert r["bpp_enhancement"] > 0 and np.isfinite(r["psnr"])
       assert (r["bpp_base"] is None) == (r["method"] == "standalone")
   for name in ("bd_rate.md", "rd_base_task.png", "rd_enhancement.png",
@@ -77,22 +57,43 @@ def test_results_have_every_field(smoke_run):
     assert os.path.getsize(os.path.join(workdir, name)) > 100, name
 
 
-def test_checkpoints_are_written(smoke_run):
+@pytest.mark.slow
+def test_actual_rates_are_the_sizes_of_real_files(smoke_run, configs):
+  """bpp_actual_base is the size of the files `tcr-jax compress` writes for
+  the first validation images, read back here with the stage's result."""
+  workdir, records, _ = smoke_run
+  base = next(r for r in records if r["layer"] == "base"
+              and r["method"] == "proposal")
+  _, (model, variables), _, _ = compression.load_models(
+      workdir, "base_proposal_alpha0.05")
+  from tcr_jax.data import make_dataset
+  images = make_dataset(configs.smoke(), "validation").batch(range(2))["image"]
+  bits = [8 * len(files.compress_layers(model, variables, img)) for img in images]
+  pixels = images.shape[1] * images.shape[2]
+  assert base["bpp_actual_base"] == pytest.approx(np.mean(bits) / pixels, rel=1e-12)
+  # a file holds at least the estimated bits of its latent
+  assert base["bpp_actual_base"] > base["bpp_base"]
+
+
+@pytest.mark.slow
+def test_checkpoints_keep_the_latest_and_the_best(smoke_run):
   workdir, _, _ = smoke_run
   stage = os.path.join(workdir, "stages", "base_proposal_alpha0.05")
-  assert os.listdir(os.path.join(stage, "checkpoints")) == ["6"]  # latest kept
-  assert len(os.listdir(os.path.join(stage, "best"))) == 1
-  assert os.path.isdir(os.path.join(stage, "final"))
-  with open(os.path.join(stage, "done.json")) as f:
-    assert json.load(f)["steps"] == 6
+  with checkpoints.manager(stage, read_only=True) as mngr:
+    steps = mngr.all_steps()
+    assert mngr.latest_step() == 6 and 1 <= len(steps) <= 2
+    losses = {s: mngr.metrics(s)["loss"] for s in steps}
+    # the stage's result: the lowest validation loss of those kept
+    assert checkpoints.result_step(mngr) == min(losses, key=losses.get)
+  assert checkpoints.read_done(stage)["steps"] == 6
 
 
-def test_second_call_retrains_nothing(smoke_run, capsys):
-  workdir, records, first_seconds = smoke_run
+@pytest.mark.slow
+def test_second_call_retrains_nothing(smoke_run, capsys, configs):
+  workdir, records, _ = smoke_run
   stamps = {d: os.path.getmtime(os.path.join(workdir, "stages", d, "done.json"))
             for d in os.listdir(os.path.join(workdir, "stages"))}
-  start = time.perf_counter()
-  again = train.train_and_evaluate(smoke_config(), workdir)
+  again = sweep.train_and_evaluate(configs.smoke(), workdir)
   assert again == records
   out = capsys.readouterr().out
   assert out.count("finished earlier") == 5 and "step 2/" not in out
@@ -100,33 +101,28 @@ def test_second_call_retrains_nothing(smoke_run, capsys):
     assert os.path.getmtime(os.path.join(workdir, "stages", d, "done.json")) == t
 
 
-def test_loss_decreases_over_a_few_steps(tmp_path):
-  config = smoke_config(**{"data.hflip": False, "data.color_jitter": 0.0})
-  trainer = train.Trainer(config, str(tmp_path), devices=jax.devices()[:1])
+def test_loss_decreases_over_a_few_steps(tmp_path, configs):
+  config = configs.smoke(**{"data.hflip": False, "data.color_jitter": 0.0})
+  exp = train.Experiment(config, str(tmp_path), devices=jax.devices()[:1])
   # beta 1: the reconstruction reward dominates, so the objective falls
   # smoothly; the tiny depth path (a 1x2 latent) jumps as latents re-round.
   stage = train.Stage("probe", "base", 8, {"alpha": 0.05, "beta": 1.0})
-  variables = trainer.init_variables("base")
-  tx = trainer.optimizer("base")
-  state = jax.device_put({"params": variables["params"],
-                          "batch_stats": variables["batch_stats"],
-                          "opt_state": tx.init(variables["params"]),
-                          "step": jnp.int32(0), "rng": jax.random.PRNGKey(0),
-                          "best_val": jnp.float32(np.inf)}, trainer.replicated)
-  batch = trainer.train_batch(stage, 0)
-  hp = train._hp_arrays(stage.hp)
-  step = trainer.train_step_fn("base")
+  state = exp.create_train_state(stage)
+  batch = exp.loader.train_batch(stage.name, 0)
+  hp = {k: np.float32(v) for k, v in stage.hp.items()}
+  step = exp.train_step("base")
   losses, rec = [], []
   for _ in range(15):
     state, metrics = step(state, batch, hp, None)
     losses.append(float(metrics["loss"]))
     rec.append(float(metrics["rec_rmse255"]))
+  assert int(state.step) == 15
   # Fitting one batch: the last losses are clearly below the first.
   assert np.mean(losses[-3:]) < 0.9 * losses[0], losses
   assert rec[-1] < 0.9 * rec[0], rec
 
 
-def test_sharded_step_equals_single_device_step(tmp_path):
+def test_sharded_step_equals_single_device_step(tmp_path, configs):
   """4 fake devices (batch sharded) give the 1-device loss and gradients.
 
   Gradients, not post-Adam parameters, are compared: Adam's first update is
@@ -136,18 +132,17 @@ def test_sharded_step_equals_single_device_step(tmp_path):
   assert jax.device_count() == 4
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
-    trainer = train.Trainer(smoke_config(), str(tmp_path), devices=devices)
-    stage = train.Stage("probe", "base", 1, {"alpha": 0.05, "beta": 0.01})
-    v = jax.device_put(trainer.init_variables("base"), trainer.replicated)
-    objective = trainer._objective("base", train=True)
-    batch = trainer.train_batch(stage, 0)
+    exp = train.Experiment(configs.smoke(), str(tmp_path), devices=devices)
+    hp = {"alpha": np.float32(0.05), "beta": np.float32(0.01)}
+    v = jax.device_put(exp.init_variables("base"), exp.replicated)
+    loss_fn = exp.loss_fn("base")
+    batch = exp.loader.train_batch("probe", 0)
     assert len(batch["image"].sharding.device_set) == len(devices)
 
     @jax.jit
     def grads(params, batch):
-      f = lambda p: objective({"params": p, "batch_stats": v["batch_stats"]},
-                              None, batch, jax.random.PRNGKey(0),
-                              train._hp_arrays(stage.hp))
+      f = lambda p: loss_fn({"params": p, "batch_stats": v["batch_stats"]},
+                            batch, jax.random.PRNGKey(0), hp)
       (loss, (metrics, bs)), g = jax.value_and_grad(f, has_aux=True)(params)
       return loss, g, bs
     loss, g, bs = jax.device_get(grads(v["params"], batch))
@@ -161,22 +156,23 @@ def test_sharded_step_equals_single_device_step(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_batch_not_divisible_by_devices_is_refused(tmp_path):
+def test_batch_not_divisible_by_devices_is_refused(tmp_path, configs):
   with pytest.raises(UserError, match="divisible"):
-    train.Trainer(smoke_config(**{"train.batch_size": 6}), str(tmp_path))
+    train.Experiment(configs.smoke(**{"train.batch_size": 6}), str(tmp_path))
 
 
-def test_preempted_run_ends_like_an_uninterrupted_one(smoke_run, tmp_path):
+@pytest.mark.slow
+def test_preempted_run_ends_like_an_uninterrupted_one(smoke_run, tmp_path, root):
   """SIGKILL in the middle of a stage, start again: same results.json."""
   _, records, _ = smoke_run
   workdir = str(tmp_path / "preempted")
   cmd = [sys.executable, "-m", "tcr_jax.main",
          "--config=configs/depth_recon.py:smoke",
          f"--config.sweep.alphas={ALPHAS}", f"--workdir={workdir}"]
-  env = dict(os.environ, PYTHONPATH=ROOT)
+  env = dict(os.environ, PYTHONPATH=root)
   target = os.path.join(workdir, "stages", "enhancement_baseline_alpha0.05",
                         "checkpoints", "2")
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+  proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   deadline = time.time() + 900
   while not os.path.isdir(target) and proc.poll() is None and time.time() < deadline:
@@ -185,7 +181,7 @@ def test_preempted_run_ends_like_an_uninterrupted_one(smoke_run, tmp_path):
   proc.wait()
   assert os.path.isdir(target), "the run ended before it could be interrupted"
   assert not os.path.exists(os.path.join(workdir, "results.json"))
-  done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+  done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True,
                         timeout=900)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "resuming at step" in done.stdout
@@ -200,14 +196,12 @@ def test_preempted_run_ends_like_an_uninterrupted_one(smoke_run, tmp_path):
         assert a[k] == b[k]
 
 
-def test_depth_seg_smoke_runs_segmentation_enhancement(tmp_path):
-  config = load("depth_seg", "smoke")
-  config.sweep.alphas = (0.05,)
-  config.sweep.methods = ("proposal",)
-  config.sweep.standalone = False
-  config.train.base_steps = 2
-  config.train.enhancement_steps = 2
-  records = train.train_and_evaluate(config, str(tmp_path))
+@pytest.mark.slow
+def test_depth_seg_smoke_runs_segmentation_enhancement(tmp_path, configs):
+  config = configs.smoke("depth_seg", **{
+      "sweep.methods": ("proposal",), "sweep.standalone": False,
+      "train.base_steps": 2, "train.enhancement_steps": 2})
+  records = sweep.train_and_evaluate(config, str(tmp_path))
   enh = [r for r in records if r["layer"] == "enhancement"]
   assert len(enh) == 1 and enh[0]["experiment"] == "depth_seg"
   assert 0.0 <= enh[0]["miou"] <= 1.0 and enh[0]["bpp_enhancement"] > 0
@@ -215,10 +209,10 @@ def test_depth_seg_smoke_runs_segmentation_enhancement(tmp_path):
   assert os.path.getsize(tmp_path / "previews" / "alpha0.05_proposal.png") > 100
 
 
-def test_paper_config_without_data_says_what_to_run(tmp_path):
-  config = load("depth_seg")
+def test_paper_config_without_data_says_what_to_run(tmp_path, configs):
+  config = configs.load("depth_seg")
   config.data.data_dir = str(tmp_path / "no_data")
   with pytest.raises(UserError, match="prepare-data.*:synthetic"):
-    train.train_and_evaluate(config, str(tmp_path))
+    sweep.train_and_evaluate(config, str(tmp_path))
   with pytest.raises(UserError, match="variant"):
-    load("depth_seg", "tiny")
+    configs.load("depth_seg", "tiny")

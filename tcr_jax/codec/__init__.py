@@ -7,6 +7,11 @@
   entropy_models  FactorizedPrior, GaussianEntropyModel and the named
                   combinations (hyperprior, context, checkerboard,
                   conditional)
+  tables          range-coding tables identical on every machine
+  symbols         symbol coding with constriction
+  latent_coding   a latent to streams and back, exactly
+  bitstream       the .tcr container
+  files           image files of a model's layers (compress, decompress)
 """
 from tcr_jax.codec.entropy import bits, bpp, gaussian_likelihood
 from tcr_jax.codec.entropy_models import (BASE_KINDS, FactorizedPrior,

@@ -195,6 +195,16 @@ class GaussianEntropyModel(nn.Module):
       features.append(self.context_conv(y_hat * anchors) * (1.0 - anchors))
     return self.entropy_parameters(jnp.concatenate(features, axis=-1))
 
+  def parameters_at(self, patches: jax.Array, features: jax.Array | None
+                    ) -> tuple[jax.Array, jax.Array]:
+    """(scale, mean) (..., C) of single positions of a serial-context model,
+    from their 5x5 neighbourhoods of y_hat (..., 5, 5, C) and their static
+    features (..., F) (None without hyperprior and side information)."""
+    context = self.context_conv(patches, centre_only=True)
+    x = context if features is None else jnp.concatenate([features, context], -1)
+    scale, mean = self.entropy_parameters(x[..., None, :])
+    return scale[..., 0, :], mean[..., 0, :]
+
   def hyper_latent(self, y: jax.Array, train: bool = False
                    ) -> tuple[jax.Array, jax.Array]:
     """(z_hat, z likelihoods) for hyperprior models."""

@@ -104,18 +104,26 @@ def causal_mask(kernel_size: int) -> np.ndarray:
 
 
 class MaskedConv(nn.Module):
-  """Convolution whose kernel is multiplied by a fixed spatial mask."""
+  """Convolution whose kernel is multiplied by a fixed spatial mask.
+
+  With centre_only=True, x holds k x k neighbourhoods (..., k, k, C) and the
+  output is the convolution at their centres (..., features): what a serial
+  decoder needs for the positions it decodes next.
+  """
   features: int
   mask: Sequence[Sequence[float]]
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, centre_only: bool = False) -> jax.Array:
     mask = jnp.asarray(self.mask, jnp.float32)
     k = mask.shape[0]
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (k, k, x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,),
                       jnp.float32)
+    if centre_only:
+      return jnp.einsum("...uvc,uvco->...o", x, kernel * mask[:, :, None, None],
+                        precision=jax.lax.Precision.HIGHEST) + bias
     p = (k - 1) // 2
     y = jax.lax.conv_general_dilated(
         x, (kernel * mask[:, :, None, None]).astype(x.dtype), (1, 1),

@@ -3,8 +3,12 @@
 The authors' augmentation: horizontal flips and torchvision's
 ColorJitter(brightness=0.5, contrast=0.5, saturation=0.5). Each factor is
 drawn uniformly from [1 - s, 1 + s] per image; the order is fixed
-(brightness, contrast, saturation). Everything is a function of the rng
-passed in, so a resumed run sees the same augmented batches.
+(brightness, contrast, saturation).
+
+The random numbers are drawn for the whole global batch (`draw`) and each
+process applies the rows of its own share (`augment_batch(rows=...)`), so a
+sample's augmentation depends on (seed, step, position in the batch) and not
+on how many processes share the batch.
 """
 from __future__ import annotations
 
@@ -17,12 +21,18 @@ def _grey(img: np.ndarray) -> np.ndarray:
   return (img @ _LUMA)[..., None]
 
 
-def color_jitter(img: np.ndarray, strength: float,
-                 rng: np.random.Generator) -> np.ndarray:
-  """img (H, W, 3) float32 in [0, 1] -> jittered, clipped to [0, 1]."""
-  if strength <= 0:
-    return img
-  b, c, s = rng.uniform(1 - strength, 1 + strength, size=3)
+def draw(rng: np.random.Generator, n: int, hflip: bool, jitter: float
+         ) -> tuple[np.ndarray, np.ndarray | None]:
+  """Flip flags (n,) and jitter factors (n, 3) (None without jitter)."""
+  flips = rng.random(n) < 0.5 if hflip else np.zeros(n, bool)
+  factors = rng.uniform(1 - jitter, 1 + jitter, size=(n, 3)) if jitter > 0 else None
+  return flips, factors
+
+
+def color_jitter(img: np.ndarray, factors) -> np.ndarray:
+  """img (H, W, 3) float32 in [0, 1], factors (brightness, contrast,
+  saturation) -> jittered, clipped to [0, 1]."""
+  b, c, s = factors
   img = np.clip(img * b, 0, 1)
   img = np.clip((img - _grey(img).mean()) * c + _grey(img).mean(), 0, 1)
   g = _grey(img)
@@ -30,15 +40,23 @@ def color_jitter(img: np.ndarray, strength: float,
 
 
 def augment_batch(batch: dict, rng: np.random.Generator, hflip: bool = True,
-                  jitter: float = 0.5) -> dict:
-  """Flips every per-pixel array of an image together; jitters the image."""
+                  jitter: float = 0.5, rows: tuple[int, int] | None = None,
+                  global_size: int | None = None) -> dict:
+  """Flips every per-pixel array of an image together; jitters the image.
+
+  `batch` holds rows [rows[0], rows[1]) of a global batch of `global_size`
+  images (default: the whole batch).
+  """
   out = dict(batch)
   n = batch["image"].shape[0]
-  flips = rng.random(n) < 0.5 if hflip else np.zeros(n, bool)
+  lo, hi = rows if rows is not None else (0, n)
+  flips, factors = draw(rng, global_size or n, hflip, jitter)
+  flips = flips[lo:hi]
   images = []
   for i in range(n):
     img = batch["image"][i]
-    img = color_jitter(img, jitter, rng)
+    if factors is not None:
+      img = color_jitter(img, factors[lo + i])
     images.append(img[:, ::-1] if flips[i] else img)
   out["image"] = np.stack(images).astype(np.float32)
   for key in ("disparity", "valid", "labels"):

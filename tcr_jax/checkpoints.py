@@ -1,0 +1,105 @@
+"""Checkpoints: one orbax CheckpointManager per training stage.
+
+    WORKDIR/stages/NAME/
+      checkpoints/STEP/   items "variables" ({"params", "batch_stats"}) and
+                          "train" (optimizer state, step, PRNG key); metrics
+                          {"loss": validation loss} when the step was evaluated
+      done.json           the stage's final metrics, written last
+      tensorboard/
+
+The manager keeps the latest checkpoint (for resumption) and the best one by
+validation loss (orbax's best_fn, best_mode "min"), which is the stage's
+result: `load_variables` restores only its "variables" item, which is what
+`tcr-jax compress/decompress` and the next stage read.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+PyTree = Any
+DONE = "done.json"
+CHECKPOINTS = "checkpoints"
+
+
+def manager(stage_dir: str, *, async_save: bool = True,
+            read_only: bool = False) -> ocp.CheckpointManager:
+  """The stage's manager: latest and best (lowest validation loss) kept.
+
+  read_only: open an existing directory without creating or cleaning it.
+  """
+  best = lambda metrics: metrics["loss"]
+  options = ocp.CheckpointManagerOptions(
+      best_fn=best, best_mode="min",
+      preservation_policy=policies.AnyPreservationPolicy([
+          policies.LatestN(n=1),
+          policies.BestN(get_metric_fn=best, reverse=True, n=1,
+                         keep_checkpoints_without_metrics=False)]),
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=not read_only, create=not read_only)
+  return ocp.CheckpointManager(
+      os.path.abspath(os.path.join(stage_dir, CHECKPOINTS)), options=options,
+      item_names=("variables", "train"))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, variables: PyTree,
+         train: PyTree, metrics: dict | None = None) -> None:
+  mngr.save(step, args=ocp.args.Composite(
+      variables=ocp.args.StandardSave(variables),
+      train=ocp.args.StandardSave(train)), metrics=metrics, force=True)
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, variables: PyTree,
+            train: PyTree) -> tuple[PyTree, PyTree]:
+  """(variables, train) of `step`, shaped and sharded like the templates."""
+  out = mngr.restore(step, args=ocp.args.Composite(
+      variables=ocp.args.StandardRestore(variables),
+      train=ocp.args.StandardRestore(train)))
+  return out["variables"], out["train"]
+
+
+def result_step(mngr: ocp.CheckpointManager) -> int | None:
+  """The best evaluated step, else the latest (None: nothing saved)."""
+  step = mngr.best_step()
+  return step if step is not None else mngr.latest_step()
+
+
+def restore_variables(mngr: ocp.CheckpointManager, template: PyTree,
+                      step: int | None = None) -> PyTree:
+  """Only the "variables" item of `step` (default: the result step)."""
+  step = result_step(mngr) if step is None else step
+  return mngr.restore(step, args=ocp.args.Composite(
+      variables=ocp.args.StandardRestore(template)))["variables"]
+
+
+def load_variables(stage_dir: str, template: PyTree) -> PyTree:
+  """The result of a finished stage, read-only (compress, decompress)."""
+  if not os.path.isdir(os.path.join(stage_dir, CHECKPOINTS)):
+    raise FileNotFoundError(f"no checkpoints in {stage_dir}")
+  with manager(stage_dir, async_save=False, read_only=True) as mngr:
+    if result_step(mngr) is None:
+      raise FileNotFoundError(f"no checkpoint in {stage_dir}")
+    return restore_variables(mngr, template)
+
+
+def read_done(stage_dir: str) -> dict | None:
+  path = os.path.join(stage_dir, DONE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_json(path: str, obj) -> None:
+  """Atomically, by process 0 only."""
+  if jax.process_index() != 0:
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)

@@ -1,0 +1,72 @@
+"""Batches for the jitted steps: this process's share, as global arrays.
+
+`Loader(config, mesh)` opens the train and validation splits
+(`make_dataset`) and hands out
+
+  train_batch(stage, step)  global batch `step` of a stage (indices from
+                            tcr_jax.data.sampler, augmented on the host)
+  val_batches(count)        the first `count` validation images in batches
+                            of eval.batch_size, padded to full batches;
+                            "weight" is 1 for real images, 0 for padding
+
+Each process reads only its share of every batch (sampler.process_share) and
+the shares are assembled into arrays sharded along the mesh's "data" axis.
+`reads` counts the samples this process has loaded.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from tcr_jax.data import augment, make_dataset, sampler
+
+
+class Loader:
+  def __init__(self, config, mesh: Mesh | None = None):
+    self.config = config
+    self.train_data = make_dataset(config, "train")  # data errors first
+    self.val_data = make_dataset(config, "validation")
+    self.sharding = None if mesh is None else NamedSharding(mesh, P("data"))
+    self.reads = 0
+
+  def _share(self, indices) -> np.ndarray:
+    return sampler.process_share(indices, jax.process_index(),
+                                 jax.process_count())
+
+  def _rows(self, size: int) -> tuple[int, int]:
+    rows = self._share(np.arange(size))
+    return (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
+
+  def _read(self, dataset, indices) -> dict[str, np.ndarray]:
+    indices = self._share(indices)
+    self.reads += len(indices)
+    return dataset.batch(indices)
+
+  def to_global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    return {k: jax.make_array_from_process_local_data(self.sharding, v)
+            for k, v in batch.items()}
+
+  def train_batch(self, stage: str, step: int) -> dict[str, jax.Array]:
+    return self.to_global(self.host_train_batch(stage, step))
+
+  def host_train_batch(self, stage: str, step: int) -> dict[str, np.ndarray]:
+    """This process's rows of global batch `step`, augmented (numpy)."""
+    c = self.config
+    b = c.train.batch_size
+    indices = sampler.global_indices(step, b, len(self.train_data),
+                                     sampler.stage_seed(c.seed, "data"))
+    batch = self._read(self.train_data, indices)
+    rng = np.random.default_rng([sampler.stage_seed(c.seed, stage), step, 0])
+    return augment.augment_batch(batch, rng, c.data.hflip, c.data.color_jitter,
+                                 rows=self._rows(b), global_size=b)
+
+  def val_batches(self, count: int) -> Iterator[dict[str, jax.Array]]:
+    b = self.config.eval.batch_size
+    for start in range(0, count, b):
+      idx = np.arange(start, start + b)
+      batch = self._read(self.val_data, np.minimum(idx, count - 1))
+      batch["weight"] = self._share((idx < count).astype(np.float32))
+      yield self.to_global(batch)

@@ -1,0 +1,209 @@
+"""Evaluation of a stage's model on the validation split, and real file sizes.
+
+Per batch, a jitted step computes the layer's outputs and the per-image (or
+per-batch) quantities that clu.metrics collections accumulate; padding
+images (weight 0) are masked out. The collections are merged on the host in
+float64 and turned into the stage's metrics, whose "loss" is the paper's
+objective (tcr_jax/objectives.py) evaluated on the pooled terms:
+
+  base         bpp_base, depth_rmse (pooled over valid pixels),
+               psnr_from_base, loss = L_b
+  enhancement  bpp_enhancement, bpp_base (None for the standalone layer),
+               psnr (reconstruction) or miou (segmentation), loss = L_e
+
+`actual_rates` compresses validation images to real range-coded files with
+the same models (tcr_jax.codec.files) and reports their bits per pixel.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from clu import metrics
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from tcr_jax import objectives
+from tcr_jax.codec import entropy
+from tcr_jax.tasks import losses
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class PooledRMSE(metrics.Metric):
+  """sqrt(sum of squared errors / count) over every valid pixel."""
+  total: jnp.ndarray
+  count: jnp.ndarray
+
+  @classmethod
+  def from_model_output(cls, depth_sq, depth_count, mask, **_):
+    return cls(jnp.sum(depth_sq * mask), jnp.sum(depth_count * mask))
+
+  def merge(self, other):
+    return type(self)(self.total + other.total, self.count + other.count)
+
+  def compute(self):
+    return np.sqrt(self.total / max(float(self.count), 1.0))
+
+
+@flax.struct.dataclass
+class Confusion(metrics.Metric):
+  """A summed confusion matrix (rows ground truth, columns prediction)."""
+  matrix: jnp.ndarray
+
+  @classmethod
+  def from_model_output(cls, confusion, **_):
+    return cls(confusion)
+
+  def merge(self, other):
+    return type(self)(self.matrix + other.matrix)
+
+  def compute(self):
+    return self.matrix
+
+
+def _mean(name):
+  return metrics.Average.from_output(name)
+
+
+def metric_collection(kind: str, task: str):
+  if kind == "base":
+    return metrics.Collection.create(
+        bpp_base=_mean("bpp"), depth_rmse=PooledRMSE,
+        psnr_from_base=_mean("psnr"), rec_rmse255=_mean("rec_rmse255"))
+  if task == "reconstruction":
+    return metrics.Collection.create(
+        bpp_enhancement=_mean("bpp"), bpp_base=_mean("bpp_base"),
+        psnr=_mean("psnr"), distortion=_mean("rmse255"))
+  return metrics.Collection.create(
+      bpp_enhancement=_mean("bpp"), bpp_base=_mean("bpp_base"),
+      confusion=Confusion, distortion=_mean("seg_loss"))
+
+
+def summarise(kind: str, values: dict, hp: dict, ignore_index: int = -1
+              ) -> dict[str, float]:
+  """The stage's metrics, with the loss from the paper's objective."""
+  values = dict(values)
+  if "confusion" in values:
+    values["miou"] = losses.miou(jnp.asarray(values.pop("confusion")),
+                                 ignore_index)
+  v = {k: float(x) for k, x in values.items()}
+  if kind == "base":
+    terms = {"bpp": v["bpp_base"], "depth_rmse": v["depth_rmse"],
+             "rec_rmse255": v["rec_rmse255"]}
+    return {"bpp_base": v["bpp_base"], "depth_rmse": v["depth_rmse"],
+            "psnr_from_base": v["psnr_from_base"],
+            "loss": float(objectives.base_loss(terms, hp["alpha"],
+                                               hp.get("beta", 0.0)))}
+  side = hp["side_gate"]
+  out = {"bpp_enhancement": v["bpp_enhancement"],
+         "bpp_base": v["bpp_base"] if side > 0 else None}
+  out.update({k: v[k] for k in ("psnr", "miou") if k in v})
+  out["loss"] = float(objectives.enhancement_loss(
+      {"bpp_base": v["bpp_base"], "bpp_enhancement": v["bpp_enhancement"],
+       "distortion": v["distortion"]}, hp["alpha"], side))
+  return out
+
+
+class Evaluator:
+  """Compiled evaluation steps of an experiment's two layers."""
+
+  def __init__(self, config, base, enhancement, loader, mesh):
+    self.config = config
+    self.base, self.enh = base, enhancement
+    self.loader = loader
+    self.replicated = NamedSharding(mesh, P())
+    self.batch_sharding = NamedSharding(mesh, P("data"))
+    self._compiled: dict[str, Callable] = {}
+
+  def _outputs(self, kind, variables, batch, hp, frozen):
+    """(per-image quantities for the metrics, outputs kept for previews)."""
+    c = self.config
+    x = batch["image"]
+    pixels = x.shape[1] * x.shape[2]
+    if kind == "base":
+      out = self.base.apply(variables, x, train=False)
+      sq = jnp.where(batch["valid"], (out["disparity"] - batch["disparity"]) ** 2, 0.)
+      return ({"bpp": entropy.bits(out["likelihoods"]) / pixels,
+               "depth_sq": jnp.sum(sq, axis=(1, 2)),
+               "depth_count": jnp.sum(batch["valid"], axis=(1, 2)).astype(jnp.float32),
+               "psnr": objectives.psnr(x, out["x_rec"]),
+               "rec_rmse255": objectives.rmse_255_per_image(x, out["x_rec"])},
+              {"disparity": out["disparity"], "x_rec": out["x_rec"]})
+    y_b, lik_b = self.base.apply(frozen, x, method="encode")
+    out = self.enh.apply(variables, x, y_b * hp["side_gate"], train=False)
+    q = {"bpp": entropy.bits(out["likelihoods"]) / pixels,
+         "bpp_base": entropy.bits(lik_b) / pixels}
+    if c.task.enhancement == "reconstruction":
+      q["psnr"] = objectives.psnr(out["target"], out["x_hat"])
+      q["rmse255"] = objectives.rmse_255_per_image(out["target"], out["x_hat"])
+      return q, {"x_hat": out["x_hat"]}
+    labels = jnp.where(batch["weight"][:, None, None] > 0, batch["labels"],
+                       c.task.ignore_index)
+    pred = jnp.argmax(out["logits"]["out"], axis=-1)
+    q["confusion"] = losses.confusion_matrix(pred, labels, c.task.num_classes,
+                                             c.task.ignore_index)
+    loss = objectives.enhancement_distortion(
+        out, {"labels": labels}, "segmentation", c.task.num_classes,
+        c.task.ignore_index, c.task.aux_weight)
+    q["seg_loss"] = jnp.broadcast_to(loss, x.shape[:1])
+    return q, {"segmentation": pred}
+
+  def eval_fn(self, kind: str) -> Callable:
+    if kind not in self._compiled:
+      collection = metric_collection(kind, self.config.task.enhancement)
+
+      def step(variables, batch, hp, frozen):
+        q, kept = self._outputs(kind, variables, batch, hp, frozen)
+        return collection.single_from_model_output(mask=batch["weight"], **q), kept
+
+      r, b = self.replicated, self.batch_sharding
+      self._compiled[kind] = jax.jit(step, in_shardings=(r, b, r, r),
+                                     out_shardings=(r, r))
+    return self._compiled[kind]
+
+  def evaluate(self, stage, variables: PyTree, count: int,
+               keep_outputs: int = 0) -> tuple[dict[str, float], dict]:
+    """Metrics of `variables` on the first `count` validation images, and
+    the outputs of the first `keep_outputs` of them (previews)."""
+    fn = self.eval_fn(stage.kind)
+    hp = {k: jnp.float32(v) for k, v in stage.hp.items()}
+    total = None
+    kept: dict[str, list] = {}
+    for batch in self.loader.val_batches(count):
+      update, outputs = fn(variables, batch, hp, stage.frozen)
+      update = jax.tree.map(lambda a: np.asarray(jax.device_get(a), np.float64),
+                            update)
+      total = update if total is None else total.merge(update)
+      if keep_outputs and sum(map(len, kept.get("image", []))) < keep_outputs:
+        for k, v in dict(outputs, image=batch["image"]).items():
+          kept.setdefault(k, []).append(np.asarray(jax.device_get(v)))
+    kept = {k: np.concatenate(v)[:keep_outputs] for k, v in kept.items()}
+    return (summarise(stage.kind, total.compute(), stage.hp,
+                      self.config.task.ignore_index), kept)
+
+  def actual_rates(self, stage, variables: PyTree) -> dict:
+    """Real file sizes: the first eval.actual_bits_images validation images
+    compressed with the range coder, in bits per full-resolution pixel; the
+    base stream counts the container header."""
+    from tcr_jax.codec import bitstream, files
+    n = min(self.config.eval.actual_bits_images,
+            self.config.data.eval_images, len(self.loader.val_data))
+    if n <= 0 or jax.process_index() != 0:
+      return {}
+    images = self.loader.val_data.batch(range(n))["image"]
+    pixels = images.shape[1] * images.shape[2]
+    total = 0.0
+    for img in images:
+      if stage.kind == "base":
+        total += 8 * len(files.compress_layers(self.base, variables, img))
+        continue
+      _, base_info = files.encode_layer(self.base, stage.frozen, img)
+      side = base_info["y_hat"] if stage.hp["side_gate"] > 0 else None
+      streams, _ = files.encode_layer(self.enh, variables, img, side=side)
+      total += 8 * len(bitstream.join_streams(streams))
+    key = "bpp_actual_base" if stage.kind == "base" else "bpp_actual_enhancement"
+    return {key: total / n / pixels, "actual_images": n}

@@ -1,0 +1,131 @@
+"""The paper's two objectives and the metrics they report.
+
+The base layer (Y_b coded for a machine task Z_b):
+
+    L_b = alpha * R_b + D_b + beta * 255 * RMSE(X_rec, X)
+
+  R_b     bits per full-resolution pixel of Y_b (and of its hyper-latent);
+  D_b     the task's distortion: depth RMSE in disparity pixels;
+  X_rec   the reconstruction decoder's output, read off Y_b.
+
+beta = 0 is the *baseline*, beta > 0 the *proposal*. In both, the decoder that
+gives X_rec trains; what beta changes is whether its error reaches the latent.
+The model applies `reconstruction_gate(beta)` to Y_b in front of the decoder
+(models.gate_gradient): 1 for the proposal, 0 (stop_gradient) for the
+baseline, where the decoder trains with weight 1 on what the latent already
+holds (`base_training_loss`), so it measures the reconstruction that can be
+read off a latent nobody rewarded for it.
+
+The enhancement layer (Y_e coded given the frozen Y_b):
+
+    L_e = alpha * (R_b + R_e) + D_e
+
+  D_e     255 * RMSE of the reconstruction, or num_classes * CE (+ aux) of
+          the segmentation; R_b is a constant here (the base is frozen) and is
+          counted only when the layer receives the base (side_gate 1), so the
+          standalone enhancement (side_gate 0) is charged for its own bits.
+
+`*_terms` compute the terms from a batch of model outputs, `*_loss` combine
+terms into the objective; evaluation feeds dataset-level terms (pooled over
+the validation set) into the same `*_loss` functions.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from tcr_jax.codec import entropy
+from tcr_jax.tasks import losses
+
+Terms = Mapping[str, jax.Array]
+
+
+# --------------------------------------------------------------------------
+# Image metrics.
+
+
+def mse_per_image(x: jax.Array, x_hat: jax.Array) -> jax.Array:
+  return jnp.mean((x_hat - x) ** 2, axis=tuple(range(1, x.ndim)))
+
+
+def rmse_255_per_image(x: jax.Array, x_hat: jax.Array) -> jax.Array:
+  """255 * RMSE of each image, for images in [0, 1]."""
+  return 255.0 * jnp.sqrt(mse_per_image(x, x_hat) + 1e-12)
+
+
+def rmse_255(x: jax.Array, x_hat: jax.Array) -> jax.Array:
+  """255 * per-image RMSE, averaged over the batch (the authors' recon term)."""
+  return jnp.mean(rmse_255_per_image(x, x_hat))
+
+
+def psnr(x: jax.Array, x_hat: jax.Array) -> jax.Array:
+  """Per-image PSNR in dB for images in [0, 1] (x_hat clipped to [0, 1])."""
+  mse = mse_per_image(x, jnp.clip(x_hat, 0, 1))
+  return -10.0 * jnp.log10(jnp.maximum(mse, 1e-10))
+
+
+# --------------------------------------------------------------------------
+# L_b.
+
+
+def reconstruction_gate(beta: jax.Array) -> jax.Array:
+  """1 where the reconstruction term may shape the latent (beta > 0)."""
+  return (beta > 0).astype(jnp.float32)
+
+
+def base_terms(out: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]
+               ) -> dict[str, jax.Array]:
+  """Batch terms of L_b from DepthBase outputs: rate, task, reconstruction."""
+  x = batch["image"]
+  return {
+      "bpp": entropy.bpp(out["likelihoods"], x.shape[1] * x.shape[2]),
+      "depth_rmse": losses.depth_loss(out["disparity"], batch["disparity"],
+                                      batch["valid"]),
+      "rec_rmse255": rmse_255(x, out["x_rec"]),
+  }
+
+
+def base_loss(terms: Terms, alpha, beta) -> jax.Array:
+  """L_b = alpha * R_b + D_b + beta * 255 * RMSE."""
+  return alpha * terms["bpp"] + terms["depth_rmse"] + beta * terms["rec_rmse255"]
+
+
+def base_training_loss(terms: Terms, alpha, beta) -> jax.Array:
+  """What the base layer's step differentiates: L_b, except that the
+  baseline's decoder still trains with weight 1 (its gate keeps it off the
+  latent, so this adds nothing to what shapes Y_b)."""
+  weight = jnp.where(beta > 0, beta, 1.0)
+  return alpha * terms["bpp"] + terms["depth_rmse"] + weight * terms["rec_rmse255"]
+
+
+# --------------------------------------------------------------------------
+# L_e.
+
+
+def enhancement_distortion(out: Mapping[str, jax.Array],
+                           batch: Mapping[str, jax.Array], task: str,
+                           num_classes: int = 0, ignore_index: int = -1,
+                           aux_weight: float = 0.5) -> jax.Array:
+  """D_e: 255 * RMSE of the reconstruction, or the segmentation loss."""
+  if task == "reconstruction":
+    return rmse_255(out["target"], out["x_hat"])
+  return losses.segmentation_loss(out["logits"], batch["labels"], num_classes,
+                                  ignore_index, aux_weight)
+
+
+def enhancement_terms(out: Mapping[str, jax.Array],
+                      batch: Mapping[str, jax.Array], bpp_base: jax.Array,
+                      distortion: jax.Array) -> dict[str, jax.Array]:
+  x = batch["image"]
+  return {"bpp_base": bpp_base,
+          "bpp_enhancement": entropy.bpp(out["likelihoods"],
+                                         x.shape[1] * x.shape[2]),
+          "distortion": distortion}
+
+
+def enhancement_loss(terms: Terms, alpha, side_gate) -> jax.Array:
+  """L_e = alpha * (R_b + R_e) + D_e, R_b counted when the base is used."""
+  return (alpha * (side_gate * terms["bpp_base"] + terms["bpp_enhancement"])
+          + terms["distortion"])

@@ -1,0 +1,115 @@
+"""The experiment: `train_and_evaluate(config, workdir)` runs the whole sweep.
+
+For every alpha of config.sweep.alphas:
+  1. base layers, one per method: baseline (beta 0: the reconstruction
+     decoder trains on stop_gradient of the latent) and proposal (beta > 0);
+  2. each base frozen, a conditional enhancement layer on its latent;
+  3. one standalone enhancement (side information zeroed).
+Each trained model is evaluated on the validation split and becomes one
+record of results.json; rd.py then writes bd_rate.md and the RD plots, and
+previews/ gets the outputs of the first validation images.
+
+Stages live in WORKDIR/stages/NAME (tcr_jax/train.py); running the same
+command again skips finished stages and resumes the one in progress.
+TensorFlow (clu's TensorBoard writer) is only imported here, at run time.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+
+from tcr_jax import checkpoints, train
+from tcr_jax.errors import UserError
+
+METHODS = ("baseline", "proposal")
+
+
+def stage_name(kind: str, method: str, alpha: float) -> str:
+  return f"{kind}_{method}_alpha{alpha:g}"
+
+
+def record(c, layer: str, method: str, alpha: float, beta, m: dict) -> dict:
+  """One line of results.json."""
+  enh_metric = "psnr" if c.task.enhancement == "reconstruction" else "miou"
+  return {
+      "experiment": c.experiment, "layer": layer, "method": method,
+      "alpha": alpha, "beta": beta,
+      "bpp_base": m.get("bpp_base"),
+      "bpp_enhancement": m.get("bpp_enhancement") if layer == "enhancement" else None,
+      "depth_rmse": m.get("depth_rmse"),
+      "psnr_from_base": m.get("psnr_from_base"),
+      enh_metric: m.get(enh_metric),
+      "loss": m.get("loss"),
+      # Real file sizes on the first `actual_images` validation images.
+      "bpp_actual_base": m.get("bpp_actual_base"),
+      "bpp_actual_enhancement": m.get("bpp_actual_enhancement"),
+      "actual_images": m.get("actual_images"),
+  }
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
+                       ) -> list[dict]:
+  """Runs the whole sweep; returns the records written to results.json."""
+  c = config
+  for method in c.sweep.methods:
+    if method not in METHODS:
+      raise UserError(f"unknown method {method!r}; expected baseline or proposal")
+  os.makedirs(workdir, exist_ok=True)
+  exp = train.Experiment(config, workdir)
+  # What `tcr-jax compress/decompress --workdir` rebuild the models from.
+  checkpoints.write_json(os.path.join(workdir, "config.json"),
+                         json.loads(config.to_json()))
+  from clu import metric_writers  # imports TensorFlow: keep it here
+
+  def writer_factory(logdir):
+    return metric_writers.create_default_writer(
+        logdir, just_logging=jax.process_index() > 0)
+
+  train.log(f"{c.experiment} ({c.variant}) on {jax.device_count()} "
+            f"{jax.default_backend()} device(s), {jax.process_count()} "
+            f"process(es); workdir {workdir}")
+  records, previews = [], []
+  for alpha in c.sweep.alphas:
+    alpha_e = alpha * c.sweep.enhancement_alpha_scale
+    for method in c.sweep.methods:
+      beta = 0.0 if method == "baseline" else c.sweep.beta
+      bstage = train.Stage(stage_name("base", method, alpha), "base",
+                           c.train.base_steps, {"alpha": alpha, "beta": beta})
+      base_vars, bm = train.run_stage(exp, bstage, writer_factory)
+      records.append(record(c, "base", method, alpha, beta, bm))
+      estage = train.Stage(stage_name("enhancement", method, alpha),
+                           "enhancement", c.train.enhancement_steps,
+                           {"alpha": alpha_e, "side_gate": 1.0}, frozen=base_vars)
+      enh_vars, em = train.run_stage(exp, estage, writer_factory)
+      records.append(record(c, "enhancement", method, alpha, beta,
+                            {**em, "depth_rmse": bm["depth_rmse"],
+                             "psnr_from_base": bm["psnr_from_base"],
+                             "bpp_actual_base": bm.get("bpp_actual_base")}))
+      previews.append((alpha, method, bstage, base_vars, estage, enh_vars))
+    if c.sweep.standalone:
+      sstage = train.Stage(stage_name("enhancement", "standalone", alpha),
+                           "enhancement", c.train.enhancement_steps,
+                           {"alpha": alpha_e, "side_gate": 0.0}, frozen=base_vars)
+      _, sm = train.run_stage(exp, sstage, writer_factory)
+      records.append(record(c, "enhancement", "standalone", alpha, None, sm))
+
+  checkpoints.write_json(os.path.join(workdir, "results.json"), records)
+  if jax.process_index() == 0:
+    _write_previews(exp, previews)
+    from tcr_jax import rd
+    print(rd.write_report(records, workdir, c.experiment), flush=True)
+  return records
+
+
+def _write_previews(exp: train.Experiment, previews) -> None:
+  from tcr_jax import rd
+  n = exp.config.eval.previews
+  for alpha, method, bstage, bvars, estage, evars in previews:
+    path = os.path.join(exp.workdir, "previews", f"alpha{alpha:g}_{method}.png")
+    if not os.path.exists(path):
+      _, base_out = exp.evaluator.evaluate(bstage, bvars, n, keep_outputs=n)
+      _, enh_out = exp.evaluator.evaluate(estage, evars, n, keep_outputs=n)
+      rd.save_preview(path, base_out, enh_out, exp.config.task.enhancement)
