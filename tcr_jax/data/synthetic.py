@@ -35,21 +35,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from tcr_jax.data.labels import (
+    BUILDING, CAR, CITYSCAPES_PALETTE, COCO_CAR, COCO_PERSON, FENCE,
+    IGNORE_INDEX, PERSON, POLE, ROAD, SIDEWALK, SKY, TERRAIN, TRAFFIC_LIGHT,
+    TRAFFIC_SIGN, TRAIN_ID_NAMES, VEGETATION, WALL)
 from tcr_jax.errors import UserError
 
-TRAIN_ID_NAMES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
-    "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
-    "truck", "bus", "train", "motorcycle", "bicycle")
-
-CITYSCAPES_PALETTE = np.array([
-    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156),
-    (190, 153, 153), (153, 153, 153), (250, 170, 30), (220, 220, 0),
-    (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
-    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100),
-    (0, 0, 230), (119, 11, 32)], dtype=np.uint8)
-
-IGNORE_INDEX = 255
 MAX_BOXES = 32
 VALIDATION_SIZE = 500
 TRAIN_SIZE = 2**31 - 1
@@ -57,14 +48,6 @@ MIN_BOX_PIXELS = 16
 # An instance whose visible pixels fill less of its box than this is left
 # out of `boxes` (its pixels keep their class in `segmentation`).
 MIN_BOX_FILL = 0.3
-
-COCO_PERSON = 1
-COCO_CAR = 3
-
-# Cityscapes train ids drawn by the generator.
-ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE = 0, 1, 2, 3, 4, 5
-TRAFFIC_LIGHT, TRAFFIC_SIGN, VEGETATION, TERRAIN, SKY = 6, 7, 8, 9, 10
-PERSON, CAR = 11, 13
 
 BASELINE_M = 0.209
 FOCAL_PER_WIDTH = 2262.0 / 2048.0
