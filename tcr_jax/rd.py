@@ -210,7 +210,7 @@ def save_preview(path: str, base_out: dict, enh_out: dict, task: str) -> None:
   for i in range(n):
     enh = enh_out.get("x_hat", enh_out.get("segmentation"))[i]
     if task == "segmentation":
-      from tcr_jax.data.synthetic import CITYSCAPES_PALETTE
+      from tcr_jax.data.labels import CITYSCAPES_PALETTE
       palette = np.concatenate([CITYSCAPES_PALETTE, np.zeros((256 - 19, 3), np.uint8)])
       enh = palette[np.asarray(enh).astype(np.int64)]
     panels = (base_out["image"][i], base_out["disparity"][i],

@@ -210,6 +210,20 @@ def test_palette_and_names():
   assert synthetic.TRAIN_ID_NAMES[CAR] == "car"
 
 
+def test_labels_module_is_the_one_source():
+  from tcr_jax.data import cityscapes
+  from tcr_jax.data import labels
+  assert synthetic.CITYSCAPES_PALETTE is labels.CITYSCAPES_PALETTE
+  assert synthetic.TRAIN_ID_NAMES is labels.TRAIN_ID_NAMES
+  assert cityscapes.LABEL_TO_TRAIN_ID is labels.LABEL_TO_TRAIN_ID
+  assert cityscapes.IGNORE == synthetic.IGNORE_INDEX == labels.IGNORE_INDEX
+  assert (synthetic.COCO_PERSON, synthetic.COCO_CAR) == (1, 3)
+  for train_id, name in enumerate(labels.TRAIN_ID_NAMES):
+    assert getattr(labels, name.upper().replace(" ", "_")) == train_id
+  assert (labels.ROAD, labels.SKY, labels.PERSON, labels.CAR) == (
+      ROAD, SKY, PERSON, CAR)
+
+
 def test_contact_sheet(tmp_path):
   output = tmp_path / "new_dir" / "sheet.png"
   preview.write_contact_sheet(str(output), split="validation", num=2,

@@ -37,6 +37,8 @@ import zipfile
 
 import numpy as np
 
+# cityscapesScripts' labelId -> trainId table, IGNORE (255) for the rest.
+from tcr_jax.data.labels import IGNORE_INDEX as IGNORE, LABEL_TO_TRAIN_ID
 from tcr_jax.errors import UserError
 
 NAME = "cityscapes_depth_seg"
@@ -47,15 +49,6 @@ ZIPS = {"image": "leftImg8bit_trainvaltest.zip",
         "disparity": "disparity_trainvaltest.zip"}
 # tfds split name -> Cityscapes folder name.
 SPLITS = {"train": "train", "validation": "val"}
-
-# cityscapesScripts labels.py: labelId -> trainId for the 19 evaluated
-# classes; every other labelId (incl. unlabeled 0 .. static 4, ground 6,
-# parking 9, rail track 10, guard rail 14, bridge 15, tunnel 16,
-# polegroup 18, caravan 29, trailer 30) is ignored (255).
-LABEL_TO_TRAIN_ID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7,
-                     21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13, 27: 14,
-                     28: 15, 31: 16, 32: 17, 33: 18}
-IGNORE = 255
 
 MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
 Download (after registering) from {DOWNLOAD_URL}
