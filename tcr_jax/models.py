@@ -148,7 +148,7 @@ class DepthBase(nn.Module):
     self.em = self.entropy_model()
     self.g_s_task = transforms.SynthesisTransform(3, widths[::-1],
                                                   self.task_blocks, dtype=dt)
-    self.head = LRASPPMobileNetV3(num_classes=1, task="depth")
+    self.head = LRASPPMobileNetV3(num_classes=1)
     self.up_depth = layers.conv(1, 5)
     self.g_s_rec = transforms.SynthesisTransform(3, widths[::-1],
                                                  self.recon_blocks, dtype=dt)
@@ -241,8 +241,7 @@ class Enhancement(nn.Module):
     self.g_s = transforms.SynthesisTransform(3, widths[::-1], blocks, dtype=dt)
     if self.task_name == "segmentation":
       from tcr_jax.tasks import DeepLabV3ResNet50
-      self.head = DeepLabV3ResNet50(num_classes=self.num_classes,
-                                    ignore_index=self.ignore_index)
+      self.head = DeepLabV3ResNet50(num_classes=self.num_classes)
 
   @staticmethod
   def target(x: jax.Array) -> jax.Array:

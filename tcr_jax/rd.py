@@ -211,7 +211,8 @@ def save_preview(path: str, base_out: dict, enh_out: dict, task: str) -> None:
     enh = enh_out.get("x_hat", enh_out.get("segmentation"))[i]
     if task == "segmentation":
       from tcr_jax.data.labels import CITYSCAPES_PALETTE
-      palette = np.concatenate([CITYSCAPES_PALETTE, np.zeros((256 - 19, 3), np.uint8)])
+      palette = np.zeros((256, 3), np.uint8)  # the ignore class: black
+      palette[:len(CITYSCAPES_PALETTE)] = CITYSCAPES_PALETTE
       enh = palette[np.asarray(enh).astype(np.int64)]
     panels = (base_out["image"][i], base_out["disparity"][i],
               np.clip(base_out["x_rec"][i], 0, 1),

@@ -1,9 +1,12 @@
 """The train-step benchmark runs and reports what it promises."""
 import json
 
+import pytest
+
 from tcr_jax import bench
 
 
+@pytest.mark.slow
 def test_train_step_benchmark_reports_its_keys(capsys):
   code = bench.main(["train-step", "--config=configs/depth_recon.py:smoke",
                      "--batch", "2", "--height", "64", "--width", "128",

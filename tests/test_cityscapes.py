@@ -10,56 +10,11 @@ from PIL import Image
 from tcr_jax.data import cityscapes
 from tcr_jax.errors import UserError
 
-H, W = 32, 64
-FRAMES = {"train": [("aachen", "000000", "000019"), ("aachen", "000001", "000019"),
-                    ("bochum", "000000", "000313")],
-          "val": [("frankfurt", "000000", "000294"), ("lindau", "000000", "000019")]}
-LABEL_IDS = np.array([0, 1, 4, 7, 8, 11, 17, 24, 26, 29, 33], np.uint8)
+from conftest import FAKE_CITYSCAPES
 
-
-def _png(array: np.ndarray) -> bytes:
-  buf = io.BytesIO()
-  if array.dtype == np.uint16:
-    Image.fromarray(array.astype(np.uint16)).save(buf, format="PNG")
-  else:
-    Image.fromarray(array).save(buf, format="PNG")
-  return buf.getvalue()
-
-
-def sample(split: str, key, h: int = H, w: int = W) -> dict:
-  """Deterministic source arrays for one frame."""
-  rng = np.random.default_rng(abs(hash((split,) + key)) % 2**32)
-  image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-  label_ids = rng.choice(LABEL_IDS, size=(h, w)).astype(np.uint8)
-  disparity = rng.integers(1, 30000, (h, w)).astype(np.uint16)
-  disparity[: h // 4] = 0  # no ground truth in the top rows (sky)
-  return {"image": image, "label_ids": label_ids, "disparity": disparity}
-
-
-def write_zips(root, frames=FRAMES, h: int = H, w: int = W,
-               drop_disparity: int = 0) -> dict:
-  """The three official zips under root; returns the source arrays."""
-  os.makedirs(root, exist_ok=True)
-  src = {}
-  with zipfile.ZipFile(os.path.join(root, cityscapes.ZIPS["image"]), "w") as zi, \
-       zipfile.ZipFile(os.path.join(root, cityscapes.ZIPS["labels"]), "w") as zl, \
-       zipfile.ZipFile(os.path.join(root, cityscapes.ZIPS["disparity"]), "w") as zd:
-    zi.writestr("README", "fake")
-    for split, keys in frames.items():
-      for n, key in enumerate(keys):
-        city, stem = key[0], "_".join(key)
-        s = sample(split, key, h, w)
-        src[stem] = s
-        zi.writestr(f"leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png",
-                    _png(s["image"]))
-        base = f"gtFine/{split}/{city}/{stem}_gtFine"
-        zl.writestr(f"{base}_labelIds.png", _png(s["label_ids"]))
-        zl.writestr(f"{base}_color.png", _png(s["image"]))
-        zl.writestr(f"{base}_polygons.json", "{}")
-        if n >= drop_disparity:
-          zd.writestr(f"disparity/{split}/{city}/{stem}_disparity.png",
-                      _png(s["disparity"]))
-  return src
+H, W = FAKE_CITYSCAPES.H, FAKE_CITYSCAPES.W
+write_zips, sample = FAKE_CITYSCAPES.write_zips, FAKE_CITYSCAPES.sample
+FRAMES = FAKE_CITYSCAPES.FRAMES
 
 
 @pytest.fixture(scope="module")
@@ -169,21 +124,21 @@ def test_prepare_data_coco_failure_is_a_user_error(tmp_path, monkeypatch):
   assert "\n" not in str(err.value)
 
 
-def test_smoke_training_on_fake_cityscapes(tmp_path):
+@pytest.mark.slow
+def test_smoke_training_on_fake_cityscapes(tmp_path, configs):
   """The paper config's data path end to end: zips -> prepare-data -> train."""
-  from tcr_jax import cli, train
-  from test_train import smoke_config
+  from tcr_jax import cli, sweep
   write_zips(str(tmp_path / "manual"))
   assert cli.main(["prepare-data", "--dataset", "cityscapes", "--manual-dir",
                    str(tmp_path / "manual"), "--data-dir",
                    str(tmp_path / "tfds")]) == 0
-  config = smoke_config(**{"data.name": "cityscapes",
+  config = configs.smoke(**{"data.name": "cityscapes",
                            "data.data_dir": str(tmp_path / "tfds"),
                            "data.eval_images": 2, "eval.batch_size": 4,
                            "train.base_steps": 2, "train.enhancement_steps": 2})
   config.sweep.methods = ("baseline",)
   config.sweep.standalone = False
-  records = train.train_and_evaluate(config, str(tmp_path / "work"))
+  records = sweep.train_and_evaluate(config, str(tmp_path / "work"))
   assert [r["layer"] for r in records] == ["base", "enhancement"]
   assert all(np.isfinite(r["loss"]) for r in records)
   assert records[0]["depth_rmse"] > 0 and records[1]["bpp_enhancement"] > 0

@@ -96,6 +96,19 @@ def test_bits_and_bpp_of_a_mapping():
 
 # ---------------------------------------------------------------- layers
 
+def conv_transpose_reference(x: jax.Array, kernel: jax.Array,
+                             bias: jax.Array) -> jax.Array:
+  """Definition of ConvTranspose2d(k=5, s=2, p=2, op=1).
+
+  A transposed convolution is a convolution of the 2x-dilated input with the
+  spatially flipped kernel, padded k - 1 - p = 2 before and 2 + 1 after.
+  """
+  y = jax.lax.conv_general_dilated(
+      x, kernel[::-1, ::-1], window_strides=(1, 1), padding=((2, 3), (2, 3)),
+      lhs_dilation=(2, 2), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return y + bias
+
+
 def test_subpixel_conv_equals_transposed_conv():
   x = jax.random.normal(jax.random.key(0), (2, 5, 7, 4))
   layer = layers.SubpixelConvTranspose(3)
@@ -103,7 +116,7 @@ def test_subpixel_conv_equals_transposed_conv():
   v = jax.tree.map(lambda a: a + jax.random.normal(jax.random.key(2), a.shape), v)
   with jax.default_matmul_precision("highest"):
     y = layer.apply(v, x)
-    ref = layers.conv_transpose_reference(x, v["params"]["kernel"],
+    ref = conv_transpose_reference(x, v["params"]["kernel"],
                                           v["params"]["bias"])
   assert y.shape == (2, 10, 14, 3)
   np.testing.assert_allclose(y, ref, atol=1e-5)

@@ -119,13 +119,13 @@ def test_deterministic_functions_match_libm():
 
 
 def test_gaussian_tables_cover_the_scale_range():
-  tables = tables.gaussian_tables()
-  scales = tables.scales
+  gt = tables.gaussian_tables()
+  scales = gt.scales
   assert len(scales) == tables.SCALE_LEVELS
   assert scales[0] == pytest.approx(0.11) and scales[-1] == pytest.approx(256)
   np.testing.assert_allclose(np.diff(np.log(scales)),
                              np.log(256 / 0.11) / (tables.SCALE_LEVELS - 1))
-  for s, k, pmf in zip(scales, tables.half_widths, tables.pmfs):
+  for s, k, pmf in zip(scales, gt.half_widths, gt.pmfs):
     assert pmf.shape == (2 * k + 2,) and abs(pmf.sum() - 1) < 1e-12
     assert 2 * scipy.special.ndtr(-(k + 0.5) / s) < 1e-9  # escape mass
     r = np.arange(-k, k + 1)
@@ -191,14 +191,14 @@ def test_integer_and_position_codes_round_trip():
 def test_factorized_tables_match_the_prior():
   em, variables, _ = _setup("hyperprior")
   prior = variables["params"]["z_prior"]
-  tables = tables.factorized_tables(prior)
+  ft = tables.factorized_tables(prior)
   z = np.arange(-60, 61, dtype=np.float32)
   lik = entropy_models.FactorizedPrior(4).apply(
       {"params": prior}, jnp.asarray(np.broadcast_to(z[None, :, None, None],
                                                      (1, 121, 1, 4)).copy()),
       method="likelihood")
   for ch in range(4):
-    lo, hi, pmf = tables.lo[ch], tables.hi[ch], tables.pmfs[ch]
+    lo, hi, pmf = ft.lo[ch], ft.hi[ch], ft.pmfs[ch]
     assert abs(pmf.sum() - 1) < 1e-12 and lo <= hi
     inside = (z >= lo) & (z <= hi)
     expected = np.asarray(lik[0, :, 0, ch])[inside]
@@ -206,7 +206,7 @@ def test_factorized_tables_match_the_prior():
     np.testing.assert_allclose(pmf[(z[inside] - lo).astype(int)][big],
                                expected[big], rtol=2e-4)
     assert np.asarray(lik[0, :, 0, ch])[~inside].sum() < 1e-8
-  assert tables.factorized_tables(prior) is tables  # cached
+  assert tables.factorized_tables(prior) is ft  # cached
 
 
 # ---------------------------------------------------------------- exactness

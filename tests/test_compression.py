@@ -45,6 +45,7 @@ def _run(capsys, *argv):
   return code, out, err
 
 
+@pytest.mark.slow
 def test_compress_decompress_round_trip(workdir, image_path, tmp_path, capsys):
   out_file = str(tmp_path / "a.tcr")
   code, out, err = _run(capsys, "compress", "--workdir", workdir, "--input",

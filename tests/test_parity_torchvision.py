@@ -26,9 +26,10 @@ from torchvision.models._utils import IntermediateLayerGetter  # noqa: E402
 
 from tcr_jax import cli  # noqa: E402
 from tcr_jax.errors import UserError  # noqa: E402
+from tcr_jax.tasks import losses  # noqa: E402
 from tcr_jax.tasks import torchvision_import as ti  # noqa: E402
 
-pytestmark = pytest.mark.parity
+pytestmark = [pytest.mark.parity, pytest.mark.slow]
 
 SIZES = [(64, 128), (72, 136)]  # the second is not a multiple of 32
 EVAL_TOL = 1e-4
@@ -172,13 +173,13 @@ def _check_train_forward(arch, model, ref, out, new_stats, tolerances):
     assert _rel(value, ref_stats[path]) < EVAL_TOL, path
 
 
-def _jax_loss_and_grad(module, variables, xj, batch, train, kernel_paths):
-  """(loss, outputs, new batch_stats, [grad of each kernel path])."""
+def _jax_loss_and_grad(module, variables, xj, loss, train, kernel_paths):
+  """(loss(outputs), outputs, new batch_stats, [grad of each kernel path])."""
   def loss_fn(params):
     out, state = module.apply({"params": params,
                                "batch_stats": variables["batch_stats"]},
                               xj, train=train, mutable=["batch_stats"])
-    return module.loss(out, batch), (out, state["batch_stats"])
+    return loss(out), (out, state["batch_stats"])
 
   def step(params):
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -205,7 +206,8 @@ def test_lraspp_train_mode_and_depth_loss_gradient(lraspp_torch):
   ref_loss.backward()
 
   loss, out, new_stats, (grad,) = _jax_loss_and_grad(
-      module, variables, xj, {"disparity": disparity, "valid": valid}, True,
+      module, variables, xj,
+      lambda out: losses.depth_loss(out["out"], disparity, valid), True,
       [("backbone", "stem", "conv", "kernel")])
   _check_train_forward("lraspp_mobilenet_v3_large", model, ref, out,
                        new_stats, {"out": EVAL_TOL})
@@ -240,7 +242,6 @@ def test_deeplabv3_segmentation_loss_gradient(deeplab_torch):
   model = copy.deepcopy(deeplab_torch).eval()
   module, variables = ti.load_torchvision("deeplabv3_resnet50",
                                           model.state_dict())
-  module = module.clone(ignore_index=IGNORE_INDEX)
   ref = model(xt)
   ce = functools.partial(torch.nn.functional.cross_entropy,
                          ignore_index=IGNORE_INDEX)
@@ -252,7 +253,9 @@ def test_deeplabv3_segmentation_loss_gradient(deeplab_torch):
               "classifier.1": ("classifier", "conv_bn", "conv"),
               "aux_classifier.0": ("aux_classifier", "conv_bn", "conv")}
   loss, _, _, grads = _jax_loss_and_grad(
-      module, variables, xj, {"labels": labels}, False,
+      module, variables, xj,
+      lambda out: losses.segmentation_loss(out, labels, NUM_SEG_CLASSES,
+                                           IGNORE_INDEX), False,
       [p + ("kernel",) for p in compared.values()])
   assert abs(float(loss) - ref_loss.item()) < 1e-5 * ref_loss.item()
   for torch_name, grad in zip(compared, grads):

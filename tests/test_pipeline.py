@@ -8,7 +8,10 @@ from tcr_jax.data import cityscapes, pipeline, sampler
 from tcr_jax.data.loader import Loader
 from tcr_jax.errors import UserError
 
-from test_cityscapes import H, W, sample, write_zips
+from conftest import FAKE_CITYSCAPES
+
+H, W = FAKE_CITYSCAPES.H, FAKE_CITYSCAPES.W
+write_zips, sample = FAKE_CITYSCAPES.write_zips, FAKE_CITYSCAPES.sample
 
 TRAIN = [("aachen", f"{i:06d}", "000019") for i in range(5)]
 VAL = [("lindau", "000000", "000019")]

@@ -81,19 +81,6 @@ class SubpixelConvTranspose(nn.Module):
     return ops.depth_to_space(y, 2)
 
 
-def conv_transpose_reference(x: jax.Array, kernel: jax.Array,
-                             bias: jax.Array) -> jax.Array:
-  """Definition of ConvTranspose2d(k=5, s=2, p=2, op=1), for tests.
-
-  A transposed convolution is a convolution of the 2x-dilated input with the
-  spatially flipped kernel, padded k - 1 - p = 2 before and 2 + 1 after.
-  """
-  y = jax.lax.conv_general_dilated(
-      x, kernel[::-1, ::-1], window_strides=(1, 1), padding=((2, 3), (2, 3)),
-      lhs_dilation=(2, 2), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  return y + bias
-
-
 def causal_mask(kernel_size: int) -> np.ndarray:
   """Type-A raster mask: 1 above the centre row and left of the centre."""
   m = np.ones((kernel_size, kernel_size), np.float32)

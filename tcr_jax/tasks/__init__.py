@@ -1,4 +1,4 @@
-"""Task heads ported from torchvision, with their losses and metrics.
+"""Task heads ported from torchvision, and their losses and metrics.
 
   LRASPPMobileNetV3   the depth head (1 output, disparity in pixels)
   DeepLabV3ResNet50   the segmentation head with the FCN aux head
@@ -10,8 +10,7 @@ Torch is never imported here (only to read .pth files, lazily).
 """
 from tcr_jax.tasks.deeplabv3 import DeepLabV3ResNet50
 from tcr_jax.tasks.losses import (confusion_matrix, cross_entropy, depth_loss,
-                                  depth_metrics, miou, pixel_accuracy,
-                                  segmentation_loss, segmentation_metrics)
+                                  miou, segmentation_loss)
 from tcr_jax.tasks.lraspp import LRASPPMobileNetV3
 from tcr_jax.tasks.mobilenetv3 import MobileNetV3Large
 from tcr_jax.tasks.resnet import ResNet50
@@ -26,7 +25,6 @@ __all__ = [
     "ARCHS", "DeepLabV3ResNet50", "LRASPPMobileNetV3", "MobileNetV3Large",
     "ResNet50", "backbone_to_segmentation_variables", "confusion_matrix",
     "convert_state_dict", "count_params", "export_state_dict", "cross_entropy", "depth_loss",
-    "depth_metrics", "init_variables", "load_checkpoint", "load_torchvision",
-    "load_torchvision_report", "miou", "pixel_accuracy", "segmentation_loss",
-    "segmentation_metrics",
+    "init_variables", "load_checkpoint", "load_torchvision",
+    "load_torchvision_report", "miou", "segmentation_loss",
 ]

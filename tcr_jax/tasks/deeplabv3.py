@@ -9,13 +9,12 @@ reproduced).
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tcr_jax.tasks import losses
 from tcr_jax.tasks.layers import ConvBN, conv2d, global_avg_pool, resize_bilinear
 from tcr_jax.tasks.resnet import ResNet50
 
@@ -88,14 +87,10 @@ class DeepLabV3ResNet50(nn.Module):
     num_classes: classes including the ignore class where the model has
       one (the paper: 20, class 19 ignored).
     aux_loss: build the FCN auxiliary head on layer3.
-    ignore_index: label skipped by the loss and metrics.
-    aux_weight: weight of the auxiliary cross entropy (torchvision: 0.5).
     dropout: use dropout in train mode.
   """
   num_classes: int = 21
   aux_loss: bool = True
-  ignore_index: int = 255
-  aux_weight: float = 0.5
   dropout: bool = True
 
   @nn.compact
@@ -110,18 +105,6 @@ class DeepLabV3ResNet50(nn.Module):
           features["aux"], train, self.dropout)
       result["aux"] = resize_bilinear(aux, size)
     return result
-
-  def loss(self, outputs: Mapping[str, jax.Array],
-           batch: Mapping[str, jax.Array]) -> jax.Array:
-    """num_classes * (CE(out) + aux_weight * CE(aux)); batch["labels"]."""
-    return losses.segmentation_loss(outputs, batch["labels"], self.num_classes,
-                                    self.ignore_index, self.aux_weight)
-
-  def metrics(self, outputs: Mapping[str, jax.Array],
-              batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """confusion (sum it over a dataset), miou, pixel_accuracy."""
-    return losses.segmentation_metrics(outputs, batch["labels"],
-                                       self.num_classes, self.ignore_index)
 
 
 def torch_leaves(aux_loss: bool) -> list[tuple[tuple[str, ...], str, str]]:

@@ -5,7 +5,7 @@ disparity / 128, which is the RMSE in disparity pixels over valid pixels.
 
 Segmentation (DeepLabV3 with the FCN aux head): num_classes * (CE(out) +
 aux_weight * CE(aux)), CE averaged over pixels whose label is not the
-ignore index; mIoU from a confusion matrix and pixel accuracy.
+ignore index; mIoU from a confusion matrix.
 
 Layout: logits (B, H, W, C); labels, disparity and masks (B, H, W).
 """
@@ -51,21 +51,6 @@ def depth_loss(pred: jax.Array, disparity: jax.Array,
   count = jnp.sum(valid)
   mse = jnp.sum(sq) / jnp.maximum(count, 1)
   return DISPARITY_SCALE * _safe_sqrt(mse)
-
-
-def depth_metrics(pred: jax.Array, disparity: jax.Array,
-                  valid: jax.Array | None = None) -> dict[str, jax.Array]:
-  """RMSE and MAE in disparity pixels over valid pixels, and their count."""
-  pred = _squeeze_channel(pred)
-  disparity = _squeeze_channel(disparity)
-  if valid is None:
-    valid = jnp.ones(pred.shape, bool)
-  valid = _squeeze_channel(valid).astype(bool)
-  count = jnp.sum(valid)
-  abs_err = jnp.sum(jnp.where(valid, jnp.abs(pred - disparity), 0.0))
-  return {"rmse": depth_loss(pred, disparity, valid),
-          "mae": abs_err / jnp.maximum(count, 1),
-          "valid_pixels": count}
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array,
@@ -137,22 +122,3 @@ def miou(conf: jax.Array, ignore_index: int | None = None) -> jax.Array:
   if ignore_index is not None and 0 <= ignore_index < conf.shape[0]:
     present = present.at[ignore_index].set(False)
   return jnp.sum(jnp.where(present, iou, 0.0)) / jnp.maximum(jnp.sum(present), 1)
-
-
-def pixel_accuracy(conf: jax.Array) -> jax.Array:
-  """Correctly classified labelled pixels / labelled pixels (0 if none)."""
-  conf = conf.astype(jnp.float32)
-  return jnp.trace(conf) / jnp.maximum(jnp.sum(conf), 1.0)
-
-
-def segmentation_metrics(outputs: Mapping[str, jax.Array], labels: jax.Array,
-                         num_classes: int, ignore_index: int) -> dict[str, jax.Array]:
-  """Confusion matrix of argmax(out), with mIoU and pixel accuracy.
-
-  Sum "confusion" over an evaluation set and recompute miou/pixel_accuracy
-  from the sum for dataset-level numbers.
-  """
-  pred = jnp.argmax(outputs["out"], axis=-1)
-  conf = confusion_matrix(pred, labels, num_classes, ignore_index)
-  return {"confusion": conf, "miou": miou(conf, ignore_index),
-          "pixel_accuracy": pixel_accuracy(conf)}

@@ -1,9 +1,8 @@
 """LRASPP with a MobileNetV3-Large backbone (torchvision's
 `lraspp_mobilenet_v3_large`), the paper's depth head.
 
-The paper uses it with one output channel as a disparity regressor; it
-carries that loss and metrics (`task="depth"`). With `task="segmentation"`
-it is torchvision's segmentation model with the segmentation loss.
+The paper uses it with one output channel as a disparity regressor (its
+loss: tcr_jax.tasks.losses.depth_loss).
 """
 from __future__ import annotations
 
@@ -12,12 +11,10 @@ from typing import Mapping
 import flax.linen as nn
 import jax
 
-from tcr_jax.tasks import losses
 from tcr_jax.tasks.layers import ConvBN, conv2d, global_avg_pool, resize_bilinear
 from tcr_jax.tasks.mobilenetv3 import MobileNetV3Large
 
 INTER_CHANNELS = 128
-TASKS = ("depth", "segmentation")
 
 
 class LRASPPHead(nn.Module):
@@ -52,43 +49,14 @@ class LRASPPMobileNetV3(nn.Module):
 
   Attributes:
     num_classes: output channels (1 for the paper's depth head).
-    task: "depth" (loss = RMSE in disparity pixels) or "segmentation".
-    ignore_index: label skipped by the segmentation loss and metrics.
   """
   num_classes: int = 21
-  task: str = "depth"
-  ignore_index: int = 255
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
     features = MobileNetV3Large(dilated=True, name="backbone")(x, train)
     out = LRASPPHead(self.num_classes, name="classifier")(features, train)
     return {"out": resize_bilinear(out, x.shape[1:3])}
-
-  def loss(self, outputs: Mapping[str, jax.Array],
-           batch: Mapping[str, jax.Array]) -> jax.Array:
-    """depth: batch has "disparity" and "valid"; segmentation: "labels"."""
-    if self.task == "depth":
-      return losses.depth_loss(outputs["out"], batch["disparity"],
-                               batch.get("valid"))
-    _check_task(self.task)
-    return losses.segmentation_loss(outputs, batch["labels"],
-                                    self.num_classes, self.ignore_index)
-
-  def metrics(self, outputs: Mapping[str, jax.Array],
-              batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """depth: rmse, mae; segmentation: confusion, miou, pixel_accuracy."""
-    if self.task == "depth":
-      return losses.depth_metrics(outputs["out"], batch["disparity"],
-                                  batch.get("valid"))
-    _check_task(self.task)
-    return losses.segmentation_metrics(outputs, batch["labels"],
-                                       self.num_classes, self.ignore_index)
-
-
-def _check_task(task: str) -> None:
-  if task not in TASKS:
-    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
 def torch_leaves() -> list[tuple[tuple[str, ...], str, str]]:
