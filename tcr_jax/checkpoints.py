@@ -3,13 +3,15 @@
     WORKDIR/stages/NAME/
       checkpoints/STEP/   items "variables" ({"params", "batch_stats"}) and
                           "train" (optimizer state, step, PRNG key); metrics
-                          {"loss": validation loss} when the step was evaluated
+                          {"loss": validation loss, "select": the selection
+                          metric, lower is better, "step"} when the step was
+                          evaluated
       done.json           the stage's final metrics, written last
       tensorboard/
 
 The manager keeps the latest checkpoint (for resumption) and the best one by
-validation loss (orbax's best_fn, best_mode "min"), which is the stage's
-result: `load_variables` restores only its "variables" item, which is what
+the selection metric (orbax's best_fn, best_mode "min"; the validation loss
+unless config.train.*_select says otherwise), which is the stage's result: `load_variables` restores only its "variables" item, which is what
 `tcr-jax compress/decompress` and the next stage read.
 """
 from __future__ import annotations
@@ -29,11 +31,13 @@ CHECKPOINTS = "checkpoints"
 
 def manager(stage_dir: str, *, async_save: bool = True,
             read_only: bool = False) -> ocp.CheckpointManager:
-  """The stage's manager: latest and best (lowest validation loss) kept.
+  """The stage's manager: latest and best (lowest "select" metric) kept.
 
   read_only: open an existing directory without creating or cleaning it.
   """
-  best = lambda metrics: metrics["loss"]
+  # Lowest "select" first; among equal values the earliest step, so that a
+  # stage that stops improving keeps its first best checkpoint.
+  best = lambda metrics: (metrics["select"], metrics["step"])
   options = ocp.CheckpointManagerOptions(
       best_fn=best, best_mode="min",
       preservation_policy=policies.AnyPreservationPolicy([
@@ -49,6 +53,9 @@ def manager(stage_dir: str, *, async_save: bool = True,
 
 def save(mngr: ocp.CheckpointManager, step: int, variables: PyTree,
          train: PyTree, metrics: dict | None = None) -> None:
+  """metrics (evaluated steps only): {"loss", "select"}; the step is added."""
+  if metrics is not None:
+    metrics = {**metrics, "step": step}
   mngr.save(step, args=ocp.args.Composite(
       variables=ocp.args.StandardSave(variables),
       train=ocp.args.StandardSave(train)), metrics=metrics, force=True)

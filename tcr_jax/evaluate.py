@@ -8,8 +8,10 @@ objective (tcr_jax/objectives.py) evaluated on the pooled terms:
 
   base         bpp_base, depth_rmse (pooled over valid pixels),
                psnr_from_base, loss = L_b
-  enhancement  bpp_enhancement, bpp_base (None for the standalone layer),
-               psnr (reconstruction) or miou (segmentation), loss = L_e
+  enhancement  bpp_enhancement, bpp_base (None where R_b is not part of
+               the layer's rate), psnr (reconstruction) or miou
+               (segmentation), loss = L_e; rates per
+               config.task.enhancement_rate_pixels
 
 `actual_rates` compresses validation images to real range-coded files with
 the same models (tcr_jax.codec.files) and reports their bits per pixel.
@@ -98,13 +100,13 @@ def summarise(kind: str, values: dict, hp: dict, ignore_index: int = -1
             "psnr_from_base": v["psnr_from_base"],
             "loss": float(objectives.base_loss(terms, hp["alpha"],
                                                hp.get("beta", 0.0)))}
-  side = hp["side_gate"]
+  base_rate = hp["base_rate"]
   out = {"bpp_enhancement": v["bpp_enhancement"],
-         "bpp_base": v["bpp_base"] if side > 0 else None}
+         "bpp_base": v["bpp_base"] if base_rate > 0 else None}
   out.update({k: v[k] for k in ("psnr", "miou") if k in v})
   out["loss"] = float(objectives.enhancement_loss(
       {"bpp_base": v["bpp_base"], "bpp_enhancement": v["bpp_enhancement"],
-       "distortion": v["distortion"]}, hp["alpha"], side))
+       "distortion": v["distortion"]}, hp["alpha"], base_rate))
   return out
 
 
@@ -135,6 +137,8 @@ class Evaluator:
               {"disparity": out["disparity"], "x_rec": out["x_rec"]})
     y_b, lik_b = self.base.apply(frozen, x, method="encode")
     out = self.enh.apply(variables, x, y_b * hp["side_gate"], train=False)
+    pixels = objectives.rate_pixels(x.shape[1], x.shape[2],
+                                    c.task.enhancement_rate_pixels)
     q = {"bpp": entropy.bits(out["likelihoods"]) / pixels,
          "bpp_base": entropy.bits(lik_b) / pixels}
     if c.task.enhancement == "reconstruction":
@@ -195,7 +199,9 @@ class Evaluator:
     if n <= 0 or jax.process_index() != 0:
       return {}
     images = self.loader.val_data.batch(range(n))["image"]
-    pixels = images.shape[1] * images.shape[2]
+    pixels = objectives.rate_pixels(
+        images.shape[1], images.shape[2],
+        "full" if stage.kind == "base" else self.config.task.enhancement_rate_pixels)
     total = 0.0
     for img in images:
       if stage.kind == "base":

@@ -126,6 +126,7 @@ class DepthBase(nn.Module):
   entropy_model_name: str = "hyperprior"
   hyper_channels: int = 128
   quantizer: str = "ste"
+  likelihood_bound: str = "clamp"
   disparity_scale: float = 128.0
   compute_dtype: str = "float32"
 
@@ -136,7 +137,7 @@ class DepthBase(nn.Module):
   def entropy_model(self) -> entropy_models.GaussianEntropyModel:
     return entropy_models.make_entropy_model(
         self.entropy_model_name, self.latent_channels, self.quantizer,
-        self.hyper_channels)
+        self.hyper_channels, self.likelihood_bound)
 
   def setup(self):
     from tcr_jax.tasks import LRASPPMobileNetV3
@@ -216,6 +217,7 @@ class Enhancement(nn.Module):
   recon_blocks: int = 3
   context: str = "serial"
   quantizer: str = "ste"
+  likelihood_bound: str = "clamp"
   num_classes: int = 20
   ignore_index: int = 19
   compute_dtype: str = "float32"
@@ -226,7 +228,8 @@ class Enhancement(nn.Module):
   @nn.nowrap
   def entropy_model(self) -> entropy_models.GaussianEntropyModel:
     return entropy_models.make_conditional_model(
-        self.latent_channels, self.side_channels, self.context, self.quantizer)
+        self.latent_channels, self.side_channels, self.context, self.quantizer,
+        self.likelihood_bound)
 
   def setup(self):
     dt = _dtype(self.compute_dtype)
@@ -291,6 +294,7 @@ def base_model(config) -> DepthBase:
       analysis_blocks=m.analysis_blocks, task_blocks=m.task_blocks,
       recon_blocks=m.recon_blocks, entropy_model_name=config.entropy_model,
       hyper_channels=m.hyper_channels, quantizer=m.quantizer,
+      likelihood_bound=m.likelihood_bound,
       disparity_scale=config.task.disparity_scale,
       compute_dtype=m.compute_dtype)
 
@@ -302,5 +306,6 @@ def enhancement_model(config) -> Enhancement:
       side_channels=m.latent_channels, widths=tuple(m.widths),
       analysis_blocks=m.analysis_blocks, task_blocks=m.task_blocks,
       recon_blocks=m.recon_blocks, context=config.enhancement_context,
-      quantizer=m.quantizer, num_classes=config.task.num_classes,
+      quantizer=m.quantizer, likelihood_bound=m.likelihood_bound,
+      num_classes=config.task.num_classes,
       ignore_index=config.task.ignore_index, compute_dtype=m.compute_dtype)

@@ -21,9 +21,13 @@ The enhancement layer (Y_e coded given the frozen Y_b):
     L_e = alpha * (R_b + R_e) + D_e
 
   D_e     255 * RMSE of the reconstruction, or num_classes * CE (+ aux) of
-          the segmentation; R_b is a constant here (the base is frozen) and is
-          counted only when the layer receives the base (side_gate 1), so the
-          standalone enhancement (side_gate 0) is charged for its own bits.
+          the segmentation; R_b is a constant here (the base is frozen),
+          counted where the layer's rate includes the base's (base_rate 1:
+          the conditional layer, and the authors' standalone protocol); the
+          from-scratch standalone enhancement (base_rate 0) is charged for
+          its own bits. Rates of L_e are bits per pixel of the input, or of
+          the half-resolution image (`rate_pixels`, the authors' choice for
+          the reconstruction enhancement).
 
 `*_terms` compute the terms from a batch of model outputs, `*_loss` combine
 terms into the objective; evaluation feeds dataset-level terms (pooled over
@@ -115,17 +119,25 @@ def enhancement_distortion(out: Mapping[str, jax.Array],
                                   ignore_index, aux_weight)
 
 
-def enhancement_terms(out: Mapping[str, jax.Array],
-                      batch: Mapping[str, jax.Array], bpp_base: jax.Array,
-                      distortion: jax.Array) -> dict[str, jax.Array]:
-  x = batch["image"]
-  return {"bpp_base": bpp_base,
-          "bpp_enhancement": entropy.bpp(out["likelihoods"],
-                                         x.shape[1] * x.shape[2]),
+def rate_pixels(height: int, width: int, which: str = "full") -> int:
+  """The pixel count rates are divided by: of the (height, width) input
+  ("full") or of its half-resolution image ("half")."""
+  if which == "half":
+    return -(-height // 2) * -(-width // 2)
+  if which != "full":
+    raise ValueError(f"rate pixels must be 'full' or 'half', not {which!r}")
+  return height * width
+
+
+def enhancement_terms(likelihoods_base, likelihoods_enhancement,
+                      distortion: jax.Array, pixels: int) -> dict[str, jax.Array]:
+  """Batch terms of L_e: both layers' rates per `pixels`, and D_e."""
+  return {"bpp_base": entropy.bpp(likelihoods_base, pixels),
+          "bpp_enhancement": entropy.bpp(likelihoods_enhancement, pixels),
           "distortion": distortion}
 
 
-def enhancement_loss(terms: Terms, alpha, side_gate) -> jax.Array:
-  """L_e = alpha * (R_b + R_e) + D_e, R_b counted when the base is used."""
-  return (alpha * (side_gate * terms["bpp_base"] + terms["bpp_enhancement"])
+def enhancement_loss(terms: Terms, alpha, base_rate) -> jax.Array:
+  """L_e = alpha * (R_b + R_e) + D_e; R_b counted where base_rate is 1."""
+  return (alpha * (base_rate * terms["bpp_base"] + terms["bpp_enhancement"])
           + terms["distortion"])

@@ -9,7 +9,9 @@
            Fritsch-Carlson derivative choice), integrated over the overlap.
 Both return percent: negative means the test needs less rate than the
 anchor for the same quality. Where the quality ranges do not overlap there
-is no number: None is returned and the report says so.
+is no number: None is returned and the report says so. Where there is no
+meaningful number (a curve running the wrong way, a cubic fit that diverges
+beyond float range) `BDRateUndefined` says why, and the report prints that.
 """
 from __future__ import annotations
 
@@ -22,6 +24,10 @@ import numpy as np
 METHODS = ("cubic", "pchip")
 
 
+class BDRateUndefined(ValueError):
+  """No BD-rate for these curves; the message says why, in a few words."""
+
+
 def _prepare(rate, quality, higher_is_better):
   r = np.asarray(rate, np.float64)
   q = np.asarray(quality, np.float64)
@@ -32,7 +38,7 @@ def _prepare(rate, quality, higher_is_better):
   if not higher_is_better:
     q = -q
   if len(q) >= 2 and np.corrcoef(np.log(r), q)[0, 1] < 0:
-    raise ValueError(
+    raise BDRateUndefined(
         "quality falls as rate rises: for a distortion where lower is better "
         "(e.g. depth RMSE) pass higher_is_better=False")
   order = np.argsort(q)
@@ -82,7 +88,13 @@ def bd_rate(rate_anchor: Sequence[float], quality_anchor: Sequence[float],
   if not hi > lo:
     return None
   avg = (_integral(qt, lt, lo, hi, method) - _integral(qa, la, lo, hi, method)) / (hi - lo)
-  return float((math.exp(avg) - 1.0) * 100.0)
+  try:
+    if not math.isfinite(avg):
+      raise OverflowError
+    return float((math.exp(avg) - 1.0) * 100.0)
+  except OverflowError:
+    raise BDRateUndefined(f"the {method} fit diverges (log-rate difference "
+                          f"{avg:.3g})") from None
 
 
 # --------------------------------------------------------------------------
@@ -139,10 +151,11 @@ def comparisons(records: list[dict]) -> list[dict]:
 
 
 def _safe_bd(ra, qa, rt, qt, method, hib):
+  """The BD-rate, or the reason there is none (a string)."""
   try:
     return bd_rate(ra, qa, rt, qt, method, hib)
-  except ValueError:
-    return "quality falls as rate rises"
+  except BDRateUndefined as e:
+    return str(e).split(":")[0]
 
 
 def _fmt_bd(v):
@@ -151,12 +164,16 @@ def _fmt_bd(v):
   return v if isinstance(v, str) else f"{v:+.2f}%"
 
 
-def write_report(records: list[dict], workdir: str, experiment: str) -> str:
+def write_report(records: list[dict], workdir: str, experiment: str,
+                 enhancement_rate_pixels: str = "full") -> str:
   """Writes bd_rate.md and rd_*.png into workdir; returns the markdown."""
   comps = comparisons(records)
+  unit = ("estimated bits per full-resolution pixel" if enhancement_rate_pixels == "full"
+          else "estimated bits per full-resolution pixel for the base layer "
+               "and per half-resolution pixel for the enhancement comparisons")
   lines = [f"# BD-rate, {experiment}", "",
            "Negative: the test needs less rate than the anchor for the same "
-           "quality. Rates are estimated bits per full-resolution pixel.", "",
+           f"quality. Rates are {unit}.", "",
            "| comparison | anchor | test | points | BD-rate (cubic) | BD-rate (PCHIP) |",
            "| --- | --- | --- | --- | --- | --- |"]
   for c in comps:

@@ -4,7 +4,10 @@ For every alpha of config.sweep.alphas:
   1. base layers, one per method: baseline (beta 0: the reconstruction
      decoder trains on stop_gradient of the latent) and proposal (beta > 0);
   2. each base frozen, a conditional enhancement layer on its latent;
-  3. one standalone enhancement (side information zeroed).
+  3. one standalone enhancement (side information zeroed): trained from
+     scratch, or (config.sweep.standalone_mode "refit", the authors') the
+     last conditional enhancement of this alpha with only its entropy model
+     refitted.
 Each trained model is evaluated on the validation split and becomes one
 record of results.json; rd.py then writes bd_rate.md and the RD plots, and
 previews/ gets the outputs of the first validation images.
@@ -22,9 +25,6 @@ import jax
 import ml_collections
 
 from tcr_jax import checkpoints, train
-from tcr_jax.errors import UserError
-
-METHODS = ("baseline", "proposal")
 
 
 def stage_name(kind: str, method: str, alpha: float) -> str:
@@ -54,9 +54,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                        ) -> list[dict]:
   """Runs the whole sweep; returns the records written to results.json."""
   c = config
-  for method in c.sweep.methods:
-    if method not in METHODS:
-      raise UserError(f"unknown method {method!r}; expected baseline or proposal")
+  from tcr_jax import configs_lib
+  configs_lib.validate(c)
   os.makedirs(workdir, exist_ok=True)
   exp = train.Experiment(config, workdir)
   # What `tcr-jax compress/decompress --workdir` rebuild the models from.
@@ -71,6 +70,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   train.log(f"{c.experiment} ({c.variant}) on {jax.device_count()} "
             f"{jax.default_backend()} device(s), {jax.process_count()} "
             f"process(es); workdir {workdir}")
+  note = train.initial_weights_note(c)
+  if note:
+    train.log(note)
   records, previews = [], []
   for alpha in c.sweep.alphas:
     alpha_e = alpha * c.sweep.enhancement_alpha_scale
@@ -82,7 +84,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       records.append(record(c, "base", method, alpha, beta, bm))
       estage = train.Stage(stage_name("enhancement", method, alpha),
                            "enhancement", c.train.enhancement_steps,
-                           {"alpha": alpha_e, "side_gate": 1.0}, frozen=base_vars)
+                           {"alpha": alpha_e, "side_gate": 1.0, "base_rate": 1.0},
+                           frozen=base_vars)
       enh_vars, em = train.run_stage(exp, estage, writer_factory)
       records.append(record(c, "enhancement", method, alpha, beta,
                             {**em, "depth_rmse": bm["depth_rmse"],
@@ -90,9 +93,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                              "bpp_actual_base": bm.get("bpp_actual_base")}))
       previews.append((alpha, method, bstage, base_vars, estage, enh_vars))
     if c.sweep.standalone:
-      sstage = train.Stage(stage_name("enhancement", "standalone", alpha),
-                           "enhancement", c.train.enhancement_steps,
-                           {"alpha": alpha_e, "side_gate": 0.0}, frozen=base_vars)
+      refit = c.sweep.standalone_mode == "refit"
+      sstage = train.Stage(
+          stage_name("enhancement", "standalone", alpha), "enhancement",
+          c.train.enhancement_steps,
+          {"alpha": alpha_e, "side_gate": 0.0, "base_rate": float(refit)},
+          frozen=base_vars, init=enh_vars if refit else None,
+          trainable="entropy_model" if refit else "all")
       _, sm = train.run_stage(exp, sstage, writer_factory)
       records.append(record(c, "enhancement", "standalone", alpha, None, sm))
 
@@ -100,7 +107,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   if jax.process_index() == 0:
     _write_previews(exp, previews)
     from tcr_jax import rd
-    print(rd.write_report(records, workdir, c.experiment), flush=True)
+    print(rd.write_report(records, workdir, c.experiment,
+                          c.task.enhancement_rate_pixels), flush=True)
   return records
 
 

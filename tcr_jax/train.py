@@ -8,11 +8,13 @@ sweep shares (the mesh, the data, the two models, the compiled steps);
   * the train state is flax's TrainState plus batch statistics and a PRNG
     key; params, statistics and optimizer state are replicated over the mesh,
     batches sharded along "data", and the state is donated to the step;
-  * alpha, beta and side_gate are traced inputs (`Stage.hp`), so every alpha
-    and method reuses one compiled step per layer kind;
+  * alpha, beta, side_gate and base_rate are traced inputs (`Stage.hp`),
+    so every alpha and method reuses one compiled step per layer kind;
   * one orbax CheckpointManager per stage (tcr_jax/checkpoints.py) keeps the
-    latest checkpoint (resumption) and the best by validation loss (the
-    stage's result); done.json marks a finished stage;
+    latest checkpoint (resumption) and the best by the validation metric
+    config.train.*_select (the stage's result); with *_patience > 0 a stage
+    stops after that many evaluations without improvement; done.json marks
+    a finished stage;
   * the data order and the random numbers are functions of (seed, stage,
     step), so a resumed stage ends exactly where an uninterrupted one would.
 """
@@ -40,14 +42,21 @@ from tcr_jax.errors import UserError
 PyTree = Any
 
 
+TRAINABLE = ("all", "entropy_model")
+
+
 @dataclasses.dataclass
 class Stage:
   """One model to train: what it is, its hyper-parameters and its inputs."""
   name: str
   kind: str              # "base" or "enhancement"
   steps: int
-  hp: dict[str, float]   # alpha, beta (base), side_gate (enhancement)
+  # alpha; beta (base); side_gate (1: the base latent is the side
+  # information, 0: zeros) and base_rate (1: R_b counts in L_e) (enhancement)
+  hp: dict[str, float]
   frozen: PyTree = None  # the base variables, for an enhancement
+  init: PyTree = None    # variables to start from (None: the kind's init)
+  trainable: str = "all"  # or "entropy_model": the rest stays frozen
 
 
 class TrainState(train_state.TrainState):
@@ -105,9 +114,11 @@ def enhancement_loss_fn(model: models.Enhancement, base: models.DepthBase,
   t = config.task
   distortion = objectives.enhancement_distortion(
       out, batch, t.enhancement, t.num_classes, t.ignore_index, t.aux_weight)
-  bpp_b = objectives.entropy.bpp(lik_b, x.shape[1] * x.shape[2])
-  terms = objectives.enhancement_terms(out, batch, bpp_b, distortion)
-  loss = objectives.enhancement_loss(terms, hp["alpha"], hp["side_gate"])
+  pixels = objectives.rate_pixels(x.shape[1], x.shape[2],
+                                  t.enhancement_rate_pixels)
+  terms = objectives.enhancement_terms(lik_b, out["likelihoods"], distortion,
+                                       pixels)
+  loss = objectives.enhancement_loss(terms, hp["alpha"], hp["base_rate"])
   return loss, ({"loss": loss, **terms}, state.get("batch_stats", {}))
 
 
@@ -125,11 +136,19 @@ def train_step(state: TrainState, batch, hp, frozen, *, loss_fn: Callable
   return state, metrics
 
 
-def optimizer(config, kind: str) -> optax.GradientTransformation:
+def optimizer(config, kind: str, trainable: str = "all"
+              ) -> optax.GradientTransformation:
+  """Adam (with the kind's gradient clipping); trainable="entropy_model"
+  leaves every parameter outside the entropy model ("em") unchanged."""
   t = config.train
   clip = t.base_grad_clip if kind == "base" else t.enhancement_grad_clip
   adam = optax.adam(t.learning_rate)
-  return optax.chain(optax.clip_by_global_norm(clip), adam) if clip > 0 else adam
+  tx = optax.chain(optax.clip_by_global_norm(clip), adam) if clip > 0 else adam
+  if trainable == "all":
+    return tx
+  labels = lambda params: {k: "train" if k == "em" else "freeze" for k in params}
+  return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()},
+                               labels)
 
 
 # --------------------------------------------------------------------------
@@ -157,11 +176,12 @@ class Experiment:
     self.enh = models.enhancement_model(config)
     self.evaluator = evaluate.Evaluator(config, self.base, self.enh,
                                         self.loader, self.mesh)
-    self._steps: dict[str, Callable] = {}
+    self._steps: dict[tuple, Callable] = {}
     self._initial: dict[str, PyTree] = {}
-    # One optimizer object per kind: it is part of the state's static
-    # structure, so a new one per stage would recompile the step.
-    self.tx = {kind: optimizer(config, kind) for kind in ("base", "enhancement")}
+    # One optimizer object per (kind, trainable): it is part of the state's
+    # static structure, so a new one per stage would recompile the step.
+    self.tx = {(kind, tr): optimizer(config, kind, tr)
+               for kind in ("base", "enhancement") for tr in TRAINABLE}
 
   def loss_fn(self, kind: str, train: bool = True) -> Callable:
     """(variables, batch, rng, hp, frozen) -> (loss, (metrics, stats))."""
@@ -170,13 +190,14 @@ class Experiment:
     return functools.partial(enhancement_loss_fn, self.enh, self.base,
                              self.config, train=train)
 
-  def train_step(self, kind: str) -> Callable:
-    if kind not in self._steps:
+  def train_step(self, kind: str, trainable: str = "all") -> Callable:
+    if (kind, trainable) not in self._steps:
       r, b = self.replicated, self.batch_sharding
       step = functools.partial(train_step, loss_fn=self.loss_fn(kind))
-      self._steps[kind] = jax.jit(step, in_shardings=(r, b, r, r),
-                                  out_shardings=(r, r), donate_argnums=0)
-    return self._steps[kind]
+      self._steps[kind, trainable] = jax.jit(
+          step, in_shardings=(r, b, r, r), out_shardings=(r, r),
+          donate_argnums=0)
+    return self._steps[kind, trainable]
 
   def init_variables(self, kind: str) -> PyTree:
     """Initial variables of a stage kind (the same for every stage of it)."""
@@ -192,21 +213,31 @@ class Experiment:
     key = jax.random.key(sampler.stage_seed(c.seed, kind), impl="rbg")
     if kind == "base":
       variables = jax.jit(self.base.init)(key, x)
+      if c.init.depth_backbone:
+        variables = _load_into(variables, ("head", "backbone"),
+                               c.init.depth_backbone, "mobilenet_v3_large")
       if c.init.depth_head:
-        variables = _load_head(variables, "head", c.init.depth_head)
+        variables = _load_into(variables, ("head",), c.init.depth_head,
+                               "lraspp_mobilenet_v3_large")
       return variables
     y_b = jnp.zeros(self.base.latent_shape(c.data.height, c.data.width))
     variables = jax.jit(self.enh.init)(key, x, y_b)
-    if c.init.segmentation_head and c.task.enhancement == "segmentation":
-      variables = _load_head(variables, "head", c.init.segmentation_head)
+    if c.task.enhancement == "segmentation":
+      if c.init.segmentation_backbone:
+        variables = _load_into(variables, ("head", "backbone"),
+                               c.init.segmentation_backbone, "resnet50")
+      if c.init.segmentation_head:
+        variables = _load_into(variables, ("head",), c.init.segmentation_head,
+                               "deeplabv3_resnet50")
     return variables
 
   def create_train_state(self, stage: Stage) -> TrainState:
     # A fresh copy: the step donates its state, and the initial variables
     # are shared by every stage of a kind.
-    variables = jax.tree.map(np.array, self.init_variables(stage.kind))
+    start = stage.init if stage.init is not None else self.init_variables(stage.kind)
+    variables = jax.tree.map(np.array, _with_batch_stats(start))
     model = self.base if stage.kind == "base" else self.enh
-    tx = self.tx[stage.kind]
+    tx = self.tx[stage.kind, stage.trainable]
     state = TrainState(
         step=jnp.int32(0), apply_fn=model.apply, params=variables["params"],
         tx=tx, opt_state=tx.init(variables["params"]),
@@ -215,20 +246,47 @@ class Experiment:
     return jax.device_put(state, self.replicated)
 
 
-def _load_head(variables: PyTree, key: str, path: str) -> PyTree:
-  """Puts task-head variables from `tcr-jax import-torchvision` in place."""
-  from tcr_jax.tasks import load_checkpoint
-  _, head = load_checkpoint(path)
-  out = {col: dict(tree) for col, tree in variables.items()}
+def _load_into(variables: PyTree, where: tuple[str, ...], path: str,
+               arch: str) -> PyTree:
+  """Puts the variables of a `tcr-jax import-torchvision` checkpoint of
+  `arch` at `where` (e.g. ("head", "backbone")) in the model's variables."""
+  from tcr_jax import tasks
+  module, loaded = tasks.load_checkpoint(path)
+  want_class = {"mobilenet_v3_large": tasks.MobileNetV3Large,
+                "resnet50": tasks.ResNet50,
+                "lraspp_mobilenet_v3_large": tasks.LRASPPMobileNetV3,
+                "deeplabv3_resnet50": tasks.DeepLabV3ResNet50}[arch]
+  if type(module) is not want_class:
+    raise UserError(f"{path}: holds a {type(module).__name__}, this slot takes "
+                    f"{arch} (tcr-jax import-torchvision --arch {arch})")
+  out = jax.tree.map(lambda a: a, variables)  # a copy of the containers
   for col in ("params", "batch_stats"):
-    if col in head and key in out.get(col, {}):
-      want = jax.tree.map(jnp.shape, out[col][key])
-      got = jax.tree.map(jnp.shape, head[col])
-      if want != got:
-        raise UserError(f"{path}: head variables do not fit the model "
-                        "(different architecture or class count)")
-      out[col][key] = head[col]
+    node = out[col]
+    for key in where[:-1]:
+      node = node[key]
+    want = jax.tree.map(jnp.shape, node[where[-1]])
+    got = jax.tree.map(jnp.shape, loaded[col])
+    if want != got:
+      raise UserError(f"{path}: its {arch} variables do not fit the model "
+                      "(different architecture or class count)")
+    node[where[-1]] = loaded[col]
   return out
+
+
+def initial_weights_note(config) -> str | None:
+  """One line saying which task networks start from random weights."""
+  c = config
+  scratch = []
+  if not (c.init.depth_backbone or c.init.depth_head):
+    scratch.append("the depth head (config.init.depth_backbone)")
+  if c.task.enhancement == "segmentation" and not (
+      c.init.segmentation_backbone or c.init.segmentation_head):
+    scratch.append("the segmentation head (config.init.segmentation_backbone)")
+  if not scratch:
+    return None
+  return (f"note: {' and '.join(scratch)} start from random weights; the "
+          "authors start from torchvision's ImageNet backbones (README: "
+          "tcr-jax import-torchvision)")
 
 
 # --------------------------------------------------------------------------
@@ -253,31 +311,57 @@ def run_stage(exp: Experiment, stage: Stage, writer_factory
       state = state.join(*checkpoints.restore(mngr, mngr.latest_step(),
                                               variables_template, train_template))
       log(f"[{stage.name}] resuming at step {int(state.step)}")
-    _train(exp, stage, state, mngr, writer_factory(
+    last = _train(exp, stage, state, mngr, writer_factory(
         os.path.join(stage_dir, "tensorboard")))
     mngr.wait_until_finished()
+    result = checkpoints.result_step(mngr)
     variables = checkpoints.restore_variables(mngr, variables_template)
   metrics, _ = exp.evaluator.evaluate(stage, variables, exp.eval_images)
   metrics.update(exp.evaluator.actual_rates(stage, variables))
   checkpoints.write_json(os.path.join(stage_dir, checkpoints.DONE),
                          {"stage": stage.name, "hp": stage.hp,
-                          "steps": stage.steps, "metrics": metrics})
+                          "steps": stage.steps, "trained_steps": last,
+                          "result_step": result, "metrics": metrics})
   log(f"[{stage.name}] done: {_fmt(metrics)}")
   return variables, metrics
 
 
+HIGHER_IS_BETTER = ("psnr", "psnr_from_base", "miou", "map", "map50")
+
+
+def selection_value(val: dict, metric: str) -> float:
+  """The validation metric that picks a stage's result, lower is better."""
+  return -val[metric] if metric in HIGHER_IS_BETTER else val[metric]
+
+
 def _train(exp: Experiment, stage: Stage, state: TrainState, mngr, writer
-           ) -> None:
+           ) -> int:
+  """The loop; returns the last trained step (early stopping may end it
+  before stage.steps)."""
   from clu import periodic_actions
   t = exp.config.train
+  base = stage.kind == "base"
+  select = t.base_select if base else t.enhancement_select
+  patience = t.base_patience if base else t.enhancement_patience
+
+  def stopped(step: int) -> bool:
+    """No better `select` for `patience` evaluations (resumable: read off
+    the manager's best step)."""
+    best = mngr.best_step()
+    return (patience > 0 and best is not None
+            and step - best >= patience * t.eval_every)
+
   progress = periodic_actions.ReportProgress(num_train_steps=stage.steps,
                                              writer=writer,
                                              every_steps=t.log_every)
-  step_fn = exp.train_step(stage.kind)
+  step_fn = exp.train_step(stage.kind, stage.trainable)
   hp = jax.device_put({k: jnp.float32(v) for k, v in stage.hp.items()},
                       exp.replicated)
   eval_count = min(t.eval_images_during_training, exp.eval_images)
   t0, s0 = time.perf_counter(), int(state.step)
+  if stopped(s0):
+    return s0
+  s = s0
   for step in range(s0, stage.steps):
     batch = exp.loader.train_batch(stage.name, step)
     state, metrics = step_fn(state, batch, hp, stage.frozen)
@@ -300,9 +384,14 @@ def _train(exp: Experiment, stage: Stage, state: TrainState, mngr, writer
       writer.write_scalars(s, {f"val/{k}": v for k, v in val.items()
                                if v is not None})
     if val is not None or s % t.checkpoint_every == 0:
-      checkpoints.save(mngr, s, *state.split(),
-                       metrics=None if val is None else {"loss": val["loss"]})
+      checkpoints.save(mngr, s, *state.split(), metrics=None if val is None else
+                       {"loss": val["loss"], "select": selection_value(val, select)})
+    if val is not None and stopped(s):
+      log(f"[{stage.name}] early stop at step {s}: no better validation "
+          f"{select} in {patience} evaluations (best: step {mngr.best_step()})")
+      break
   writer.flush()
+  return s
 
 
 # --------------------------------------------------------------------------

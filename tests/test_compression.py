@@ -25,7 +25,8 @@ def workdir(tmp_path_factory, configs):
     stage_dir = str(root / "stages" / name)
     state = exp.create_train_state(train.Stage(name, kind, 1, {}))
     with checkpoints.manager(stage_dir, async_save=False) as mngr:
-      checkpoints.save(mngr, 1, *state.split(), metrics={"loss": 1.0})
+      checkpoints.save(mngr, 1, *state.split(),
+                       metrics={"loss": 1.0, "select": 1.0})
     checkpoints.write_json(os.path.join(stage_dir, checkpoints.DONE),
                            {"metrics": {}})
   return str(root)

@@ -103,7 +103,8 @@ def enhancement(base, random_variables):
   evars = random_variables(emodel, x[:1], y[0][:1], seed=3)
   config = type("C", (), {})()
   config.task = type("T", (), dict(enhancement="reconstruction", num_classes=0,
-                                   ignore_index=-1, aux_weight=0.5))()
+                                   ignore_index=-1, aux_weight=0.5,
+                                   enhancement_rate_pixels="full"))()
   loss_fn = functools.partial(train.enhancement_loss_fn, emodel, bmodel, config)
   return loss_fn, evars, frozen, batch
 
@@ -112,7 +113,8 @@ def test_standalone_enhancement_sees_nothing_of_the_base(enhancement):
   loss_fn, evars, frozen, batch = enhancement
 
   def outputs(side_gate, base_vars):
-    hp = {"alpha": jnp.float32(1.0), "side_gate": jnp.float32(side_gate)}
+    hp = {"alpha": jnp.float32(1.0), "side_gate": jnp.float32(side_gate),
+          "base_rate": jnp.float32(side_gate)}
     _, (metrics, _) = loss_fn(evars, batch, jax.random.key(0), hp, base_vars)
     return metrics
 

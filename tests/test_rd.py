@@ -85,3 +85,30 @@ def test_report_writes_table_and_plots(tmp_path):
   assert "-20.00%" in row  # proposal needs 80% of the baseline's base rate
   for name in ("rd_base_task.png", "rd_base_reconstruction.png", "rd_enhancement.png"):
     assert (tmp_path / name).stat().st_size > 1000
+
+
+# Four points per curve where the test's first three qualities lie within
+# 0.09 dB: its cubic fit of log-rate shoots far beyond float range over the
+# overlap (one such pair in about 800 random ones).
+DIVERGING = ([0.2030, 0.2045, 0.4574, 0.5012], [20.815, 24.140, 27.592, 30.961],
+             [0.1359, 0.1868, 0.5895, 0.6682], [21.6174, 21.6588, 21.7027, 34.5158])
+
+
+def test_a_diverging_cubic_fit_gives_a_reason_not_an_overflow():
+  with pytest.raises(rd.BDRateUndefined, match="cubic fit diverges"):
+    rd.bd_rate(*DIVERGING, "cubic")
+  # the monotone interpolation has a number for the same curves
+  assert np.isfinite(rd.bd_rate(*DIVERGING, "pchip"))
+
+
+def test_report_survives_a_diverging_fit(tmp_path):
+  ra, qa, rt, qt = DIVERGING
+  recs = []
+  for method, rates, quality in (("baseline", ra, qa), ("proposal", rt, qt)):
+    for r, q in zip(rates, quality):
+      recs.append(dict(experiment="x", layer="base", method=method, alpha=1.0,
+                       beta=0.0, bpp_base=r, bpp_enhancement=None,
+                       depth_rmse=1.0 / q, psnr_from_base=q, psnr=None, loss=1.0))
+  text = rd.write_report(recs, str(tmp_path), "x")
+  row = next(l for l in text.splitlines() if l.startswith("| reconstruction"))
+  assert "cubic fit diverges" in row and "%" in row  # PCHIP still has a number

@@ -28,9 +28,10 @@ LIKELIHOOD_LOWER_BOUND = 1e-9
 def lower_bound(x: jax.Array, bound: float) -> jax.Array:
   """max(x, bound), letting gradients through where they push x up.
 
-  The forward value equals torch's clamp_min (the authors' choice); unlike
-  clamp_min, a value stuck below the bound still receives the gradient that
-  would raise it, so predicted scales cannot get trapped at the bound.
+  CompressAI's LowerBound (the authors' scale and likelihood bounds): the
+  forward value is max(x, bound); unlike a clamp, a value stuck below the
+  bound still receives the gradient that would raise it, so predicted
+  scales cannot get trapped at the bound.
   """
   return jnp.maximum(x, bound)
 
@@ -51,22 +52,35 @@ def standard_normal_cdf(x: jax.Array) -> jax.Array:
   return 0.5 * jax.scipy.special.erfc(-x / math.sqrt(2.0))
 
 
-def gaussian_likelihood(residual: jax.Array, scale: jax.Array) -> jax.Array:
+LIKELIHOOD_BOUNDS = ("clamp", "lower_bound")
+
+
+def gaussian_likelihood(residual: jax.Array, scale: jax.Array,
+                        bound: str = "clamp") -> jax.Array:
   """Probability of an integer (or noisy) residual under N(0, scale^2) binned.
 
   Args:
     residual: y_hat - mean, rounded (straight-through) or with uniform noise.
     scale: predicted standard deviation, bounded below by 0.11.
+    bound: how the likelihood's lower bound 1e-9 treats gradients below it:
+      "clamp" (zero gradient there) or "lower_bound" (the gradient passes
+      where it would raise the likelihood, as CompressAI's LowerBound, which
+      the authors' code uses).
 
   Returns:
     per-element likelihoods, bounded below by 1e-9.
   """
+  if bound not in LIKELIHOOD_BOUNDS:
+    raise ValueError(f"unknown likelihood bound {bound!r}; expected one of "
+                     f"{LIKELIHOOD_BOUNDS}")
   v = jnp.abs(residual)
   s = lower_bound(scale, SCALE_LOWER_BOUND)
   p = standard_normal_cdf((0.5 - v) / s) - standard_normal_cdf((-0.5 - v) / s)
-  # A plain clamp, as the authors': below the bound the gradient is zero.
-  # Passing it through (as for the scale) would multiply the tail's
-  # float32 noise by 1 / 1e-9.
+  if bound == "lower_bound":
+    return lower_bound(p, LIKELIHOOD_LOWER_BOUND)
+  # Our default: below the bound the gradient is zero. Passing it through
+  # lets the tail's float32 noise, divided by a likelihood near 1e-9, into
+  # the rate's gradient.
   return jnp.maximum(p, LIKELIHOOD_LOWER_BOUND)
 
 

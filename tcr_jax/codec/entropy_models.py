@@ -137,6 +137,7 @@ class GaussianEntropyModel(nn.Module):
     hyper_channels: width of h_a / h_s.
     activation: of the entropy-parameter network.
     quantizer: "ste" or "noise" (see ops.quantize).
+    likelihood_bound: "clamp" or "lower_bound" (entropy.gaussian_likelihood).
   """
   channels: int
   hyperprior: bool = True
@@ -145,6 +146,7 @@ class GaussianEntropyModel(nn.Module):
   hyper_channels: int = 128
   activation: str = "leaky_relu"
   quantizer: str = "ste"
+  likelihood_bound: str = "clamp"
 
   def setup(self):
     if self.context not in CONTEXTS:
@@ -221,32 +223,35 @@ class GaussianEntropyModel(nn.Module):
                          self.make_rng("noise") if noisy else None, train)
     scale, mean = self.parameters(y_hat, z_hat, side)
     residual = (y_hat - mean) if noisy else ops.ste_round(y_hat - mean)
-    likelihoods["y"] = entropy.gaussian_likelihood(residual, scale)
+    likelihoods["y"] = entropy.gaussian_likelihood(residual, scale,
+                                                   self.likelihood_bound)
     return y_hat, likelihoods
 
 
 def make_entropy_model(kind: str, channels: int, quantizer: str = "ste",
-                       hyper_channels: int = 128) -> GaussianEntropyModel:
+                       hyper_channels: int = 128,
+                       likelihood_bound: str = "clamp") -> GaussianEntropyModel:
   """The base-layer entropy models by name.
 
     hyperprior    mean-scale hyperprior (the default)
     context       the authors' serial masked 5x5 context model, no hyperprior
     checkerboard  hyperprior + two-pass checkerboard context
   """
+  common = dict(quantizer=quantizer, likelihood_bound=likelihood_bound)
   if kind == "hyperprior":
-    return GaussianEntropyModel(channels, True, "none", quantizer=quantizer,
-                                hyper_channels=hyper_channels)
+    return GaussianEntropyModel(channels, True, "none",
+                                hyper_channels=hyper_channels, **common)
   if kind == "context":
-    return GaussianEntropyModel(channels, False, "serial", quantizer=quantizer)
+    return GaussianEntropyModel(channels, False, "serial", **common)
   if kind == "checkerboard":
     return GaussianEntropyModel(channels, True, "checkerboard",
-                                quantizer=quantizer,
-                                hyper_channels=hyper_channels)
+                                hyper_channels=hyper_channels, **common)
   raise ValueError(f"unknown entropy model {kind!r}; expected one of {BASE_KINDS}")
 
 
 def make_conditional_model(channels: int, side_channels: int,
-                           context: str = "serial", quantizer: str = "ste"
+                           context: str = "serial", quantizer: str = "ste",
+                           likelihood_bound: str = "clamp"
                            ) -> GaussianEntropyModel:
   """The enhancement layer's model: side branch on the base latent (+ context).
 
@@ -255,4 +260,5 @@ def make_conditional_model(channels: int, side_channels: int,
   """
   return GaussianEntropyModel(channels, False, context,
                               side_channels=side_channels, activation="elu",
-                              quantizer=quantizer)
+                              quantizer=quantizer,
+                              likelihood_bound=likelihood_bound)
