@@ -8,6 +8,8 @@ All modules are NHWC, take normalised images, and have params and
 batch_stats collections; `load_torchvision` brings torchvision weights in.
 Torch is never imported here (only to read .pth files, lazily).
 """
+from tcr_jax.tasks.checkpoint_io import (import_to_checkpoint, load_checkpoint,
+                                        read_state_dict)
 from tcr_jax.tasks.deeplabv3 import DeepLabV3ResNet50
 from tcr_jax.tasks.losses import (confusion_matrix, cross_entropy, depth_loss,
                                   depth_metrics, miou, pixel_accuracy,
@@ -18,15 +20,14 @@ from tcr_jax.tasks.resnet import ResNet50
 from tcr_jax.tasks.torchvision_import import (ARCHS, backbone_to_segmentation_variables,
                                               convert_state_dict, count_params,
                                               export_state_dict,
-                                              init_variables, load_checkpoint,
-                                              load_torchvision,
+                                              init_variables, load_torchvision,
                                               load_torchvision_report)
 
 __all__ = [
     "ARCHS", "DeepLabV3ResNet50", "LRASPPMobileNetV3", "MobileNetV3Large",
     "ResNet50", "backbone_to_segmentation_variables", "confusion_matrix",
     "convert_state_dict", "count_params", "export_state_dict", "cross_entropy", "depth_loss",
-    "depth_metrics", "init_variables", "load_checkpoint", "load_torchvision",
-    "load_torchvision_report", "miou", "pixel_accuracy", "segmentation_loss",
+    "depth_metrics", "import_to_checkpoint", "init_variables", "load_checkpoint", "load_torchvision",
+    "load_torchvision_report", "miou", "pixel_accuracy", "read_state_dict", "segmentation_loss",
     "segmentation_metrics",
 ]

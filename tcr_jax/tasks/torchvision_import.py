@@ -1,5 +1,5 @@
-"""Import torchvision weights into the Flax task models, and write them as
-orbax checkpoints (`tcr-jax import-torchvision`).
+"""Import torchvision weights into the Flax task models: the name and
+layout mapping (leaf tables), conversion both ways, and the arch table.
 
     module, variables = load_torchvision("deeplabv3_resnet50", state_dict)
     outputs = module.apply(variables, images_nhwc, train=False)
@@ -21,14 +21,15 @@ head layers are initialised afresh (PRNGKey(0)): `load_torchvision` warns,
 mis-shaped key is a UserError naming each of them.
 `backbone_to_segmentation_variables` puts an imported backbone into a
 freshly initialised segmentation model (the paper starts from ImageNet).
+Reading .pth files and writing / reading orbax checkpoints
+(`tcr-jax import-torchvision`) is in checkpoint_io; its functions are
+importable from here too.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
-import os
 import warnings
 from typing import Any, Callable, Mapping
 
@@ -40,6 +41,9 @@ from flax import traverse_util
 
 from tcr_jax.errors import UserError
 from tcr_jax.tasks import deeplabv3, lraspp, mobilenetv3, resnet
+# Checkpoint I/O lives in checkpoint_io; re-exported here for old imports.
+from tcr_jax.tasks.checkpoint_io import (import_to_checkpoint,  # noqa: F401
+                                        load_checkpoint, read_state_dict)
 
 Leaf = tuple[tuple[str, ...], str, str]  # (flax path, torch module, kind)
 
@@ -53,8 +57,6 @@ _KIND_ENTRIES = {
            (".running_var", "batch_stats", "var")),
 }
 _OPTIONAL_BN_SUFFIX = ".num_batches_tracked"
-_CHECKPOINT_META = "tcr_jax_task.json"
-_CHECKPOINT_ITEM = "variables"
 _MAX_LISTED = 8
 
 
@@ -118,10 +120,16 @@ class ImportResult:
   dropped: list[str]        # checkpoint keys deliberately not used
 
 
-def _arch(arch: str) -> _Arch:
+def arch_spec(arch: str) -> _Arch:
+  """The ARCHS entry of `arch` (UserError naming the valid ones)."""
   if arch not in ARCHS:
     raise UserError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
   return ARCHS[arch]
+
+
+def build_module(arch: str, num_classes: int, aux_loss: bool = False) -> nn.Module:
+  """The Flax module of `arch` (variables not included)."""
+  return arch_spec(arch).build(num_classes, aux_loss)
 
 
 def _listing(items: list[str]) -> str:
@@ -208,7 +216,7 @@ def convert_state_dict(arch: str, state_dict: Mapping[str, Any],
   Raises:
     UserError: unknown arch, or keys missing / unexpected / mis-shaped.
   """
-  spec = _arch(arch)
+  spec = arch_spec(arch)
   if not isinstance(state_dict, Mapping):
     raise UserError(f"expected a state_dict (a mapping of names to tensors), "
                     f"got {type(state_dict).__name__}")
@@ -340,7 +348,7 @@ def export_state_dict(arch: str, variables: Mapping[str, Any]
   """The inverse of load_torchvision: torchvision names -> numpy arrays,
   loadable with torchvision's `model.load_state_dict(...)` (after
   torch.from_numpy). BN's num_batches_tracked is written as 0."""
-  spec = _arch(arch)
+  spec = arch_spec(arch)
   flat = traverse_util.flatten_dict(dict(variables))
   aux_loss = any(path[1] == "aux_classifier" for path in flat)
   state_dict = {}
@@ -381,90 +389,4 @@ def backbone_to_segmentation_variables(
   variables = {col: dict(tree) for col, tree in variables.items()}
   for col in variables:
     variables[col]["backbone"] = jax.tree.map(jnp.asarray, backbone_variables[col])
-  return module, variables
-
-
-# ----------------------------------------------------------------------------
-# .pth files and orbax checkpoints
-
-
-def read_state_dict(path: str) -> dict[str, Any]:
-  """Reads a torch.save'd state_dict (or a torchvision reference-script
-  checkpoint holding one under "model") on the CPU, weights only."""
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise UserError("reading .pth files needs torch: install the parity "
-                    "extra (pip install -e .[parity])") from e
-  if not os.path.isfile(path):
-    raise UserError(f"state_dict file not found: {path}")
-  try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # pickle, zip and weights_only errors alike
-    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise UserError(f"could not read {path} as a torch state_dict: {reason}") from e
-  for wrapper in ("model", "state_dict"):
-    if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
-      obj = obj[wrapper]
-  if not isinstance(obj, Mapping) or not all(
-      isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-    raise UserError(f"{path} does not hold a state_dict (names -> tensors)")
-  return dict(obj)
-
-
-def _build(arch: str, num_classes: int, aux_loss: bool) -> nn.Module:
-  return _arch(arch).build(num_classes, aux_loss)
-
-
-def import_to_checkpoint(arch: str, state_dict_path: str,
-                         output_dir: str) -> dict[str, Any]:
-  """Converts a torchvision .pth to an orbax checkpoint in output_dir.
-
-  Writes output_dir/variables (orbax StandardCheckpointer, the
-  {"params", "batch_stats"} pytree) and output_dir/tcr_jax_task.json
-  (arch, num_classes, aux_loss). Returns a summary: arch, num_classes,
-  aux_loss, num_params, output, reinitialised, dropped.
-  """
-  _arch(arch)
-  output_dir = os.path.abspath(output_dir)
-  if os.path.exists(output_dir) and (not os.path.isdir(output_dir)
-                                     or os.listdir(output_dir)):
-    raise UserError(f"output {output_dir} exists and is not an empty directory")
-  state_dict = read_state_dict(state_dict_path)
-  result = convert_state_dict(arch, state_dict)
-
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  os.makedirs(output_dir, exist_ok=True)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(output_dir, _CHECKPOINT_ITEM), result.variables)
-  checkpointer.wait_until_finished()
-  checkpointer.close()
-  meta = {"arch": arch, "num_classes": result.num_classes,
-          "aux_loss": result.aux_loss, "source": os.path.abspath(state_dict_path)}
-  with open(os.path.join(output_dir, _CHECKPOINT_META), "w") as f:
-    json.dump(meta, f, indent=2)
-  return {"arch": arch, "num_classes": result.num_classes,
-          "aux_loss": result.aux_loss,
-          "num_params": count_params(result.variables),
-          "output": output_dir, "reinitialised": result.reinitialised,
-          "dropped": result.dropped}
-
-
-def load_checkpoint(output_dir: str) -> tuple[nn.Module, dict[str, Any]]:
-  """(module, variables) from a directory written by import_to_checkpoint."""
-  output_dir = os.path.abspath(output_dir)
-  meta_path = os.path.join(output_dir, _CHECKPOINT_META)
-  if not os.path.isfile(meta_path):
-    raise UserError(f"{output_dir} is not a tcr-jax import-torchvision "
-                    f"checkpoint (no {_CHECKPOINT_META})")
-  with open(meta_path) as f:
-    meta = json.load(f)
-  module = _build(meta["arch"], meta["num_classes"], meta["aux_loss"])
-  abstract = abstract_variables(module)
-
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  checkpointer = ocp.StandardCheckpointer()
-  variables = checkpointer.restore(os.path.join(output_dir, _CHECKPOINT_ITEM),
-                                   abstract)
-  checkpointer.close()
   return module, variables
