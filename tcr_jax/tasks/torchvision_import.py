@@ -13,6 +13,8 @@ tensors (torch itself is only imported to read .pth files). Archs:
                              the dilated LRASPP backbone: {"low", "high"}
   resnet50                   an ImageNet classifier's state_dict, loaded as
                              the dilated DeepLabV3 backbone: {"aux", "out"}
+  fasterrcnn_resnet50_fpn_v2 FasterRCNN (91 COCO classes by default):
+                             {"boxes", "scores", "labels"} in eval
 
 The ImageNet classifiers' `classifier.*` / `fc.*` keys are dropped (logged).
 With `num_classes` different from the checkpoint's, the class-dependent
@@ -40,22 +42,26 @@ import numpy as np
 from flax import traverse_util
 
 from tcr_jax.errors import UserError
-from tcr_jax.tasks import deeplabv3, lraspp, mobilenetv3, resnet
+from tcr_jax.tasks import deeplabv3, faster_rcnn, lraspp, mobilenetv3, resnet
 # Checkpoint I/O lives in checkpoint_io; re-exported here for old imports.
 from tcr_jax.tasks.checkpoint_io import (import_to_checkpoint,  # noqa: F401
                                         load_checkpoint, read_state_dict)
 
 Leaf = tuple[tuple[str, ...], str, str]  # (flax path, torch module, kind)
 
-# Per kind: (torch suffix, flax collection, flax name), and whether the
-# torch tensor is a conv weight to transpose from (O, I, kh, kw).
+# Per kind: (torch suffix, flax collection, flax name). A kernel's layout
+# follows the kind: conv (O, I, kh, kw) <-> (kh, kw, I, O); dense (O, I) <->
+# (I, O); dense_chw<s>, a Linear whose input torch flattens from (C, s, s)
+# and Flax from (s, s, C) (the box head's fc6 after 7x7 RoIAlign).
 _KIND_ENTRIES = {
     "conv": ((".weight", "params", "kernel"),),
     "conv_bias": ((".weight", "params", "kernel"), (".bias", "params", "bias")),
     "bn": ((".weight", "params", "scale"), (".bias", "params", "bias"),
            (".running_mean", "batch_stats", "mean"),
            (".running_var", "batch_stats", "var")),
+    "dense": ((".weight", "params", "kernel"), (".bias", "params", "bias")),
 }
+_DENSE_CHW = "dense_chw"
 _OPTIONAL_BN_SUFFIX = ".num_batches_tracked"
 _MAX_LISTED = 8
 
@@ -102,6 +108,13 @@ ARCHS: dict[str, _Arch] = {
         build=lambda n, aux: resnet.ResNet50(),
         leaves=lambda aux: resnet.torch_leaves("", ()),
         dropped_prefixes=("fc.",), default_classes=0),
+    "fasterrcnn_resnet50_fpn_v2": _Arch(
+        build=lambda n, aux: faster_rcnn.FasterRCNN(num_classes=n),
+        leaves=lambda aux: faster_rcnn.torch_leaves(),
+        classes_key="roi_heads.box_predictor.cls_score.weight",
+        class_layers=("roi_heads.box_predictor.cls_score",
+                      "roi_heads.box_predictor.bbox_pred"),
+        default_classes=91),
 }
 SEGMENTATION_ARCHS = ("lraspp_mobilenet_v3_large", "deeplabv3_resnet50")
 BACKBONE_OF = {"lraspp_mobilenet_v3_large": "mobilenet_v3_large",
@@ -188,16 +201,43 @@ def count_params(variables: Mapping[str, Any]) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(variables["params"])))
 
 
-def _torch_shape(flax_shape: tuple[int, ...], flax_name: str) -> tuple[int, ...]:
-  if flax_name == "kernel":  # (kh, kw, I, O) -> (O, I, kh, kw)
+def _entries(kind: str) -> tuple[tuple[str, str, str], ...]:
+  return _KIND_ENTRIES["dense" if kind.startswith(_DENSE_CHW) else kind]
+
+
+def _torch_shape(flax_shape: tuple[int, ...], flax_name: str,
+                 kind: str) -> tuple[int, ...]:
+  if flax_name != "kernel":
+    return tuple(flax_shape)
+  if kind.startswith("conv"):  # (kh, kw, I, O) -> (O, I, kh, kw)
     kh, kw, i, o = flax_shape
     return (o, i, kh, kw)
-  return tuple(flax_shape)
+  return tuple(flax_shape[::-1])  # (I, O) -> (O, I)
 
 
-def _from_torch(array: np.ndarray, flax_name: str) -> np.ndarray:
+def _from_torch(array: np.ndarray, flax_name: str, kind: str) -> np.ndarray:
   if flax_name == "kernel":
-    array = array.transpose(2, 3, 1, 0)
+    if kind.startswith("conv"):
+      array = array.transpose(2, 3, 1, 0)
+    elif kind.startswith(_DENSE_CHW):
+      s = int(kind[len(_DENSE_CHW):])
+      o = array.shape[0]
+      array = array.reshape(o, -1, s, s).transpose(2, 3, 1, 0).reshape(-1, o)
+    else:
+      array = array.T
+  return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _to_torch(array: np.ndarray, flax_name: str, kind: str) -> np.ndarray:
+  if flax_name == "kernel":
+    if kind.startswith("conv"):
+      array = array.transpose(3, 2, 0, 1)
+    elif kind.startswith(_DENSE_CHW):
+      s = int(kind[len(_DENSE_CHW):])
+      o = array.shape[1]
+      array = array.reshape(s, s, -1, o).transpose(3, 2, 0, 1).reshape(o, -1)
+    else:
+      array = array.T
   return np.ascontiguousarray(array, dtype=np.float32)
 
 
@@ -260,7 +300,7 @@ def convert_state_dict(arch: str, state_dict: Mapping[str, Any],
   for fpath, tname, kind in leaves:
     if kind == "bn":
       used.add(tname + _OPTIONAL_BN_SUFFIX)
-    for suffix, collection, name in _KIND_ENTRIES[kind]:
+    for suffix, collection, name in _entries(kind):
       key, path = tname + suffix, (collection,) + fpath + (name,)
       used.add(key)
       if path not in abstract:
@@ -270,12 +310,12 @@ def convert_state_dict(arch: str, state_dict: Mapping[str, Any],
       if key not in arrays:
         missing.append(key)
         continue
-      want = _torch_shape(abstract[path].shape, name)
+      want = _torch_shape(abstract[path].shape, name, kind)
       got = tuple(arrays[key].shape)
       if got != want:
         misshaped.append(f"{key} {list(got)} (expected {list(want)})")
         continue
-      flat[path] = _from_torch(arrays[key], name)
+      flat[path] = _from_torch(arrays[key], name, kind)
 
   dropped, unexpected = [], []
   for key in arrays:
@@ -353,11 +393,9 @@ def export_state_dict(arch: str, variables: Mapping[str, Any]
   aux_loss = any(path[1] == "aux_classifier" for path in flat)
   state_dict = {}
   for fpath, tname, kind in spec.leaves(aux_loss):
-    for suffix, collection, name in _KIND_ENTRIES[kind]:
+    for suffix, collection, name in _entries(kind):
       array = np.asarray(flat[(collection,) + fpath + (name,)], np.float32)
-      if name == "kernel":  # (kh, kw, I, O) -> (O, I, kh, kw)
-        array = array.transpose(3, 2, 0, 1)
-      state_dict[tname + suffix] = np.ascontiguousarray(array)
+      state_dict[tname + suffix] = _to_torch(array, name, kind)
     if kind == "bn":
       state_dict[tname + _OPTIONAL_BN_SUFFIX] = np.array(0, np.int64)
   return state_dict
