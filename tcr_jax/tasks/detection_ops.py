@@ -258,8 +258,10 @@ def _nms_sorted(boxes, valid, categories, iou_threshold, max_output_size, tile):
     kept_boxes = kept_boxes.at[slot].set(b, mode="drop")
     kept_cats = kept_cats.at[slot].set(c, mode="drop")
     kept_valid = kept_valid.at[slot].set(True, mode="drop")
-    kept_pos = kept_pos.at[slot].set(start + jnp.arange(tile), mode="drop")
-    return t + 1, count + jnp.sum(keep), kept_boxes, kept_cats, kept_valid, kept_pos
+    kept_pos = kept_pos.at[slot].set(start + jnp.arange(tile, dtype=jnp.int32),
+                                     mode="drop")
+    return (t + 1, count + jnp.sum(keep, dtype=jnp.int32), kept_boxes, kept_cats,
+            kept_valid, kept_pos)
 
   state = (jnp.int32(0), jnp.int32(0),
            jnp.zeros((max_output_size, 4), boxes.dtype),

@@ -90,6 +90,7 @@ class FasterRCNN(nn.Module):
     proposals (B, P, 4), proposal scores (B, P), valid (B, P)).
     """
     objectness, deltas = self.rpn(features)
+    self.sow("intermediates", "rpn_head", (objectness, deltas))
     anchors = rpn.anchors(canvas_hw, [f.shape[1:3] for f in features])
     boxes, scores, valid = rpn.filter_proposals(
         objectness, deltas, anchors, image_sizes,
@@ -192,9 +193,9 @@ def trainable_mask(params: Mapping[str, Any], trainable_backbone_layers: int = 3
 
   With trainable_backbone_layers=3 (torchvision's default with pretrained
   weights) conv1, bn1 and layer1 of backbone.body are frozen; 5 trains
-  everything. Use with optax.masked(tx, mask) or optax.multi_transform
-  (frozen params also get no weight decay, as in torchvision, where they
-  are left out of the optimiser). Batch statistics update regardless.
+  everything. Batch statistics update regardless, as in torchvision.
+  freeze_untrainable wraps an optimiser accordingly (optax.masked alone
+  passes the masked-out gradients through unchanged).
   """
   if not 0 <= trainable_backbone_layers <= 5:
     raise ValueError(f"trainable_backbone_layers must be in [0, 5], got "
@@ -210,6 +211,17 @@ def trainable_mask(params: Mapping[str, Any], trainable_backbone_layers: int = 3
     return keys[2] in train
 
   return jax.tree_util.tree_map_with_path(trainable, params)
+
+
+def freeze_untrainable(tx, params: Mapping[str, Any],
+                       trainable_backbone_layers: int = 3):
+  """optax.multi_transform applying `tx` to the trainable params and zero
+  updates (no weight decay either) to the ones torchvision freezes."""
+  import optax  # pylint: disable=g-import-not-at-top
+  labels = jax.tree.map(lambda t: "train" if t else "freeze",
+                        trainable_mask(params, trainable_backbone_layers))
+  return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()},
+                               labels)
 
 
 def torch_leaves() -> list[tuple[tuple[str, ...], str, str]]:

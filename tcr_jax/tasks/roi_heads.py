@@ -5,7 +5,8 @@ FastRCNNConvFCHead and FastRCNNPredictor), with static shapes.
                              -> four 3x3 conv + BN + ReLU -> Linear 12544 ->
                              1024 + ReLU -> class logits and per-class deltas
   select_training_samples    ground truth appended to the proposals, matcher
-                             0.5 / 0.5, balanced sample of 512 (1/4 positive)
+                             0.5 / 0.5 (match_proposals), balanced sample
+                             of 512 (1/4 positive), gather_sample
   fastrcnn_loss              cross entropy and smooth-L1 over the sample
   postprocess_detections     softmax, per-class decode and clip, score and
                              size filters, NMS per class, top detections
@@ -136,22 +137,18 @@ class RoIHeads(nn.Module):
     return BoxPredictor(self.num_classes, name="box_predictor")(x)
 
 
-def select_training_samples(
-    key: jax.Array, proposals: jax.Array, proposal_valid: jax.Array,
-    gt_boxes: jax.Array, gt_labels: jax.Array, gt_mask: jax.Array, *,
-    fg_iou_thresh: float = 0.5, bg_iou_thresh: float = 0.5,
-    batch_size_per_image: int = 512, positive_fraction: float = 0.25
-) -> dict[str, jax.Array]:
-  """Appends the ground truth to the proposals (B, P, 4), matches (no
-  low-quality matches) and samples every image.
+def match_proposals(proposals: jax.Array, proposal_valid: jax.Array,
+                    gt_boxes: jax.Array, gt_labels: jax.Array, gt_mask: jax.Array,
+                    *, fg_iou_thresh: float = 0.5, bg_iou_thresh: float = 0.5
+                    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Appends the ground truth (B, G) to the proposals (B, P) and matches
+  them (no low-quality matches).
 
-  Returns {"boxes" (B, S, 4), "labels" (B, S) int32 (0 background),
-  "targets" (B, S, 4) box-coder targets (0 where not positive), "valid"
-  (B, S)}, S = batch_size_per_image.
+  Returns candidates (B, P + G, 4), their validity (B, P + G), class labels
+  (B, P + G) int32 (0 background, -1 ignored or invalid) and the matched
+  ground-truth row (B, P + G) (negative where unmatched).
   """
-  keys = jax.random.split(key, proposals.shape[0])
-
-  def one(key, props, props_valid, boxes, labels, mask):
+  def one(props, props_valid, boxes, labels, mask):
     cand = jnp.concatenate([props, boxes.astype(props.dtype)], 0)
     cand_valid = jnp.concatenate([props_valid, mask], 0)
     matches = ops.match(ops.box_iou(boxes, cand), mask, fg_iou_thresh,
@@ -159,18 +156,43 @@ def select_training_samples(
     cls = jnp.where(matches >= 0, labels[jnp.maximum(matches, 0)],
                     jnp.where(matches == ops.BELOW_LOW_THRESHOLD, 0, -1))
     cls = jnp.where(cand_valid, cls, -1).astype(jnp.int32)
-    index, valid = ops.sample_balanced(key, cls, batch_size_per_image,
-                                       positive_fraction)
-    rois = cand[index]
-    sampled = jnp.where(valid, cls[index], 0)
-    matched = boxes[jnp.maximum(matches[index], 0)].astype(props.dtype)
-    targets = ops.encode_boxes(matched, rois, BOX_WEIGHTS)
-    positive = (sampled > 0)[:, None]
-    return {"boxes": jnp.where(valid[:, None], rois, 0.0), "labels": sampled,
-            "targets": jnp.where(positive, targets, 0.0), "valid": valid}
+    return cand, cand_valid, cls, matches
 
-  return jax.vmap(one)(keys, proposals, proposal_valid, gt_boxes, gt_labels,
-                       gt_mask)
+  return jax.vmap(one)(proposals, proposal_valid, gt_boxes, gt_labels, gt_mask)
+
+
+def gather_sample(candidates: jax.Array, labels: jax.Array, matches: jax.Array,
+                  gt_boxes: jax.Array, index: jax.Array, valid: jax.Array
+                  ) -> dict[str, jax.Array]:
+  """The RoI sample from sampled candidate indices (B, S): {"boxes" (B, S,
+  4), "labels" (B, S) int32, "targets" (B, S, 4) box-coder targets (0 where
+  not positive), "valid" (B, S)}; invalid slots are zero."""
+  def one(cand, labels, matches, boxes, index, valid):
+    rois = cand[index]
+    sampled = jnp.where(valid, labels[index], 0)
+    matched = boxes[jnp.maximum(matches[index], 0)].astype(cand.dtype)
+    targets = ops.encode_boxes(matched, rois, BOX_WEIGHTS)
+    return {"boxes": jnp.where(valid[:, None], rois, 0.0), "labels": sampled,
+            "targets": jnp.where((sampled > 0)[:, None], targets, 0.0),
+            "valid": valid}
+
+  return jax.vmap(one)(candidates, labels, matches, gt_boxes, index, valid)
+
+
+def select_training_samples(
+    key: jax.Array, proposals: jax.Array, proposal_valid: jax.Array,
+    gt_boxes: jax.Array, gt_labels: jax.Array, gt_mask: jax.Array, *,
+    fg_iou_thresh: float = 0.5, bg_iou_thresh: float = 0.5,
+    batch_size_per_image: int = 512, positive_fraction: float = 0.25
+) -> dict[str, jax.Array]:
+  """match_proposals, the balanced sample of every image, gather_sample."""
+  cand, _, labels, matches = match_proposals(
+      proposals, proposal_valid, gt_boxes, gt_labels, gt_mask,
+      fg_iou_thresh=fg_iou_thresh, bg_iou_thresh=bg_iou_thresh)
+  keys = jax.random.split(key, proposals.shape[0])
+  index, valid = jax.vmap(lambda k, l: ops.sample_balanced(
+      k, l, batch_size_per_image, positive_fraction))(keys, labels)
+  return gather_sample(cand, labels, matches, gt_boxes, index, valid)
 
 
 def fastrcnn_loss(class_logits: jax.Array, box_regression: jax.Array,

@@ -6,8 +6,9 @@ conv_depth=2 and RegionProposalNetwork), with static shapes.
   anchors              the anchors of a canvas, numpy constants
   filter_proposals     per-level top-k, decode, clip, size filter, NMS by
                        level, fixed number of proposals with a valid mask
-  sample_anchors       matcher (0.7 / 0.3, low-quality matches) and the
-                       balanced sampler (256 per image, half positive)
+  match_anchors        matcher (0.7 / 0.3, low-quality matches)
+  sample_anchors       ... and the balanced sampler (256 per image, half
+                       positive), gather_sample building the loss's input
   rpn_loss             BCE-with-logits and smooth-L1 over the sample
 
 Per-anchor outputs are flattened in (level, y, x, anchor) order, as
@@ -120,35 +121,59 @@ def filter_proposals(objectness: Sequence[jax.Array], deltas: Sequence[jax.Array
   return jax.vmap(one)(boxes, probs, valid)
 
 
-def sample_anchors(key: jax.Array, anchors_: np.ndarray, gt_boxes: jax.Array,
-                   gt_mask: jax.Array, *, fg_iou_thresh: float = 0.7,
-                   bg_iou_thresh: float = 0.3, batch_size_per_image: int = 256,
-                   positive_fraction: float = 0.5) -> dict[str, jax.Array]:
-  """Matches anchors to the padded ground truth (B, G, 4) / mask (B, G) and
-  draws the balanced sample of every image.
-
-  Returns {"index" (B, S) anchor indices, "valid" (B, S), "labels" (B, S)
-  float 1 / 0, "targets" (B, S, 4) box-coder targets (0 where not
-  positive)}, S = batch_size_per_image.
-  """
+def match_anchors(anchors_: np.ndarray, gt_boxes: jax.Array, gt_mask: jax.Array,
+                  *, fg_iou_thresh: float = 0.7, bg_iou_thresh: float = 0.3
+                  ) -> tuple[jax.Array, jax.Array]:
+  """Anchor labels (B, A) int32: 1 foreground, 0 background, -1 ignored
+  (torchvision's Matcher with low-quality matches), and the matched
+  ground-truth row (B, A) (-1 / -2 where unmatched). Ground truth is
+  padded: boxes (B, G, 4), mask (B, G)."""
   anchors_ = jnp.asarray(anchors_)
-  keys = jax.random.split(key, gt_boxes.shape[0])
 
-  def one(key, boxes, mask):
+  def one(boxes, mask):
     matches = ops.match(ops.box_iou(boxes, anchors_), mask, fg_iou_thresh,
                         bg_iou_thresh, allow_low_quality_matches=True)
     labels = jnp.where(matches >= 0, 1, jnp.where(
         matches == ops.BELOW_LOW_THRESHOLD, 0, -1))
-    index, valid = ops.sample_balanced(key, labels, batch_size_per_image,
-                                       positive_fraction)
-    matched = boxes[jnp.maximum(matches[index], 0)]
+    return labels.astype(jnp.int32), matches
+
+  return jax.vmap(one)(gt_boxes, gt_mask)
+
+
+def gather_sample(anchors_: np.ndarray, gt_boxes: jax.Array, labels: jax.Array,
+                  matches: jax.Array, index: jax.Array, valid: jax.Array
+                  ) -> dict[str, jax.Array]:
+  """The sample dict of rpn_loss from sampled anchor indices (B, S) and
+  their validity: labels as float 1 / 0 and box-coder targets (0 where not
+  positive)."""
+  anchors_ = jnp.asarray(anchors_)
+
+  def one(boxes, labels, matches, index, valid):
     positive = valid & (labels[index] == 1)
+    matched = boxes[jnp.maximum(matches[index], 0)]
     targets = ops.encode_boxes(matched, anchors_[index], BOX_WEIGHTS)
     return {"index": index, "valid": valid,
             "labels": positive.astype(jnp.float32),
             "targets": jnp.where(positive[:, None], targets, 0.0)}
 
-  return jax.vmap(one)(keys, gt_boxes, gt_mask)
+  return jax.vmap(one)(gt_boxes, labels, matches, index, valid)
+
+
+def sample_anchors(key: jax.Array, anchors_: np.ndarray, gt_boxes: jax.Array,
+                   gt_mask: jax.Array, *, fg_iou_thresh: float = 0.7,
+                   bg_iou_thresh: float = 0.3, batch_size_per_image: int = 256,
+                   positive_fraction: float = 0.5) -> dict[str, jax.Array]:
+  """Matches anchors to the padded ground truth and draws the balanced
+  sample of every image: {"index" (B, S) anchor indices, "valid" (B, S),
+  "labels" (B, S) float 1 / 0, "targets" (B, S, 4)}, S =
+  batch_size_per_image."""
+  labels, matches = match_anchors(anchors_, gt_boxes, gt_mask,
+                                  fg_iou_thresh=fg_iou_thresh,
+                                  bg_iou_thresh=bg_iou_thresh)
+  keys = jax.random.split(key, gt_boxes.shape[0])
+  index, valid = jax.vmap(lambda k, l: ops.sample_balanced(
+      k, l, batch_size_per_image, positive_fraction))(keys, labels)
+  return gather_sample(anchors_, gt_boxes, labels, matches, index, valid)
 
 
 def rpn_loss(objectness: Sequence[jax.Array], deltas: Sequence[jax.Array],
