@@ -3,6 +3,8 @@ training (losses fall, batch statistics move), the frozen-layer mask and
 the masked BatchNorm of the box head."""
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -240,3 +242,14 @@ def test_training_steps_lower_the_loss_with_one_compilation(small_model):
   assert len(traces) == 1  # two batches of one canvas, one program
   after, _ = evaluate(rest, stats, images, sizes, targets, key)
   assert float(after) < 0.8 * float(before)
+
+
+@pytest.mark.slow
+def test_detection_benchmark_runs(capsys):
+  from tcr_jax import bench  # pylint: disable=g-import-not-at-top
+  code = bench.main(["detection", "--batch", "1", "--height", "64", "--width", "64",
+                     "--steps", "1", "--modes", "infer", "--torch-modes", "none"])
+  assert code == 0
+  rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+  assert [(r["impl"], r["mode"]) for r in rows] == [("tcr_jax", "infer")]
+  assert rows[0]["images_per_s"] > 0 and rows[0]["height"] == 64

@@ -281,7 +281,7 @@ def train_outputs(tv_model):
              for b, l in zip(GT_BOXES, GT_LABELS)]
   torch.manual_seed(3)
   x = _images(4)
-  store["losses"] = {k: float(v) for k, v in model(list(x), targets).items()}
+  store["losses"] = {k: float(v.detach()) for k, v in model(list(x), targets).items()}
   store["model"], store["images"] = model, x
   return store
 
