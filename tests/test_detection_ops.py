@@ -85,6 +85,10 @@ def test_nms_output_size_categories_and_validity():
   expected = _greedy_nms(boxes, scores, 0.5)
   np.testing.assert_array_equal(got[:len(expected)], expected)
   assert got.shape == (n + 5,) and np.all(got[len(expected):] == -1)
+  # No boxes at all, or none valid: nothing kept.
+  assert list(np.asarray(ops.nms(jnp.zeros((0, 4)), jnp.zeros((0,)), 0.5, 3))) == [-1] * 3
+  none = ops.batched_nms(boxes, scores, cats, 0.5, 4, jnp.zeros(n, bool))
+  assert list(np.asarray(none)) == [-1] * 4
 
 
 # --------------------------------------------------------------- RoIAlign
@@ -133,9 +137,10 @@ def test_roi_align_on_linear_maps(scale, ratio, aligned):
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_roi_align_needs_a_fixed_sampling_ratio():
+def test_roi_align_needs_a_fixed_sampling_ratio_and_takes_no_rois():
   with pytest.raises(ValueError, match="sampling_ratio"):
     ops.roi_align(jnp.zeros((1, 4, 4, 1)), jnp.zeros((1, 5)), 2, 1.0, 0)
+  assert ops.roi_align(jnp.ones((1, 4, 4, 3)), jnp.zeros((0, 5)), 2).shape == (0, 2, 2, 3)
 
 
 def test_level_mapping_follows_the_fpn_rule():

@@ -279,11 +279,13 @@ def batched_nms(boxes: jax.Array, scores: jax.Array, categories: jax.Array,
   each other, padded with -1 to max_output_size. Invalid boxes (valid
   False) are never kept. One image: boxes (N, 4); vmap for a batch."""
   n = boxes.shape[0]
+  if n == 0:
+    return jnp.full((max_output_size,), -1, jnp.int32)
   if valid is None:
     valid = jnp.ones((n,), bool)
   order = _sort_desc(scores, valid)
   pos = _nms_sorted(boxes[order], valid[order], categories[order],
-                    iou_threshold, max_output_size, min(tile, max(n, 1)))
+                    iou_threshold, max_output_size, min(tile, n))
   return jnp.where(pos >= 0, order[jnp.maximum(pos, 0)], -1)
 
 
@@ -343,8 +345,8 @@ def _roi_align_flat(flat, base, height, width, scale, boxes, output_size,
   yi, yw = _taps(y0, y1 - y0, out_h, sampling_ratio, height, aligned)
   xi, xw = _taps(x0, x1 - x0, out_w, sampling_ratio, width, aligned)
   k, t = boxes.shape[0], sampling_ratio * 2
-  rows = (base[:, None] + yi.reshape(k, -1) * width[:, None])  # (K, out_h*t)
-  index = rows[:, :, None] + xi.reshape(k, 1, -1)             # (K, out_h*t, out_w*t)
+  rows = base[:, None] + yi.reshape(k, out_h * t) * width[:, None]
+  index = rows[:, :, None] + xi.reshape(k, 1, out_w * t)  # (K, out_h*t, out_w*t)
   taps = flat[index].reshape(k, out_h, t, out_w, t, flat.shape[-1])
   taps = jnp.einsum("kqb,kpaqbc->kpaqc", xw.astype(flat.dtype), taps)
   return jnp.einsum("kpa,kpaqc->kpqc", yw.astype(flat.dtype), taps)
