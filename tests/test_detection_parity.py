@@ -181,10 +181,12 @@ def test_backbone_and_fpn_features(eval_outputs):
 def test_rpn_on_torch_features(eval_outputs, converted):
   """Head outputs and proposals of the JAX RPN fed torchvision's features."""
   module, variables = converted
-  propose = _jit(lambda v, f, s: module.apply(
-      v, f, (H, W), s, method="propose")[:2] + module.apply(
-          v, f, (H, W), s, method="propose")[3:])
-  worst = {"objectness": 0.0, "deltas": 0.0, "proposals": 0.0, "scores": 0.0}
+  def propose(v, f, s):
+    out = module.apply(v, f, (H, W), s, method="propose")
+    return out[:2] + out[3:]  # without the anchors (numpy constants)
+
+  propose = _jit(propose)
+  worst = {"objectness": 0.0, "deltas": 0.0, "proposals": 0.0}
   for store, _, _, sizes in eval_outputs:
     feats = [jnp.asarray(_nhwc(f)) for f in store["features"].values()]
     objectness, deltas, boxes, scores, valid = propose(variables, feats, sizes)
