@@ -4,11 +4,11 @@ checkpoints out and back (`tcr-jax import-torchvision`).
     summary = import_to_checkpoint("deeplabv3_resnet50", "w.pth", "ckpt/")
     module, variables = load_checkpoint("ckpt/")
 
-A checkpoint directory holds `variables` (orbax StandardCheckpointer, the
-{"params", "batch_stats"} pytree) and `tcr_jax_task.json` (arch,
-num_classes, aux_loss, source). The name mapping itself lives in
-torchvision_import, which re-exports these functions. Torch and orbax are
-imported lazily.
+A checkpoint directory holds the {"params", "batch_stats"} pytree written
+through tcr_jax.checkpoints (the orbax manager layout the training stages
+use) and `tcr_jax_task.json` (arch, num_classes, aux_loss, source). The name
+mapping itself lives in torchvision_import, which re-exports these
+functions. Torch and orbax are imported lazily.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ import flax.linen as nn
 from tcr_jax.errors import UserError
 
 CHECKPOINT_META = "tcr_jax_task.json"
-CHECKPOINT_ITEM = "variables"
 
 
 def read_state_dict(path: str) -> dict[str, Any]:
@@ -61,13 +60,10 @@ def write_checkpoint(output_dir: str, variables: Mapping[str, Any],
                      meta: Mapping[str, Any]) -> None:
   """Writes variables (orbax) and meta (json) into output_dir, which must
   not exist or be an empty directory."""
+  from tcr_jax import checkpoints  # pylint: disable=g-import-not-at-top
   output_dir = _require_empty(output_dir)
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   os.makedirs(output_dir, exist_ok=True)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(output_dir, CHECKPOINT_ITEM), dict(variables))
-  checkpointer.wait_until_finished()
-  checkpointer.close()
+  checkpoints.save_variables(output_dir, dict(variables))
   with open(os.path.join(output_dir, CHECKPOINT_META), "w") as f:
     json.dump(dict(meta), f, indent=2)
 
@@ -111,11 +107,6 @@ def load_checkpoint(output_dir: str) -> tuple[nn.Module, dict[str, Any]]:
   output_dir = os.path.abspath(output_dir)
   meta = read_meta(output_dir)
   module = ti.build_module(meta["arch"], meta["num_classes"], meta["aux_loss"])
-  abstract = ti.abstract_variables(module)
-
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  checkpointer = ocp.StandardCheckpointer()
-  variables = checkpointer.restore(os.path.join(output_dir, CHECKPOINT_ITEM),
-                                   abstract)
-  checkpointer.close()
-  return module, variables
+  from tcr_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  return module, checkpoints.load_variables(output_dir,
+                                            ti.abstract_variables(module))
