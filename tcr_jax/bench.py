@@ -1,4 +1,4 @@
-"""Benchmarks: python -m tcr_jax.bench train-step | codec [options].
+"""Benchmarks: python -m tcr_jax.bench train-step | codec | detection [options].
 
 train-step times one jitted training step (forward, backward, Adam) of the
 paper's depth base model: half-resolution codec (g_a, entropy model, g_s),
@@ -84,12 +84,18 @@ def main(argv=None) -> int:
   s.add_argument("--height", type=int, default=1024)
   s.add_argument("--width", type=int, default=2048)
   s.add_argument("--repeats", type=int, default=3)
+  from tcr_jax import bench_detection
+  bench_detection.add_arguments(sub.add_parser(
+      "detection", help="time Faster R-CNN training and inference vs torchvision"))
   a = p.parse_args(argv)
   from tcr_jax.errors import UserError
   try:
     if a.what == "train-step":
       print(json.dumps(train_step(a.config, a.batch, a.height, a.width,
                                   a.steps, dtype=a.dtype)), flush=True)
+    elif a.what == "detection":
+      for row in bench_detection.run(a):
+        print(json.dumps(row), flush=True)
     else:
       from tcr_jax import bench_codec
       for row in bench_codec.run(a.height, a.width, repeats=a.repeats):

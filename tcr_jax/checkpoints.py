@@ -85,13 +85,22 @@ def restore_variables(mngr: ocp.CheckpointManager, template: PyTree,
 
 
 def load_variables(stage_dir: str, template: PyTree) -> PyTree:
-  """The result of a finished stage, read-only (compress, decompress)."""
+  """The result of a finished stage, read-only (compress, decompress, and
+  the checkpoints of `tcr-jax import-torchvision`)."""
   if not os.path.isdir(os.path.join(stage_dir, CHECKPOINTS)):
     raise FileNotFoundError(f"no checkpoints in {stage_dir}")
   with manager(stage_dir, async_save=False, read_only=True) as mngr:
     if result_step(mngr) is None:
       raise FileNotFoundError(f"no checkpoint in {stage_dir}")
     return restore_variables(mngr, template)
+
+
+def save_variables(directory: str, variables: PyTree, step: int = 0) -> None:
+  """Variables alone, as a one-checkpoint manager directory (what
+  `tcr-jax import-torchvision` writes; read back with load_variables)."""
+  with manager(directory, async_save=False) as mngr:
+    mngr.save(step, args=ocp.args.Composite(
+        variables=ocp.args.StandardSave(variables)), force=True)
 
 
 def read_done(stage_dir: str) -> dict | None:

@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="convert a torchvision state_dict to an orbax checkpoint")
   s.add_argument("--arch", required=True,
                  choices=["lraspp_mobilenet_v3_large", "deeplabv3_resnet50",
-                          "mobilenet_v3_large", "resnet50"])
+                          "mobilenet_v3_large", "resnet50",
+                          "fasterrcnn_resnet50_fpn_v2"])
   s.add_argument("--state-dict", required=True, help=".pth file (torch.save)")
   s.add_argument("--output", required=True, help="checkpoint directory")
   s.set_defaults(func=_import_torchvision)

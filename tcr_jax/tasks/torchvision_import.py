@@ -1,5 +1,5 @@
-"""Import torchvision weights into the Flax task models, and write them as
-orbax checkpoints (`tcr-jax import-torchvision`).
+"""Import torchvision weights into the Flax task models: the name and
+layout mapping (leaf tables), conversion both ways, and the arch table.
 
     module, variables = load_torchvision("deeplabv3_resnet50", state_dict)
     outputs = module.apply(variables, images_nhwc, train=False)
@@ -13,6 +13,8 @@ tensors (torch itself is only imported to read .pth files). Archs:
                              the dilated LRASPP backbone: {"low", "high"}
   resnet50                   an ImageNet classifier's state_dict, loaded as
                              the dilated DeepLabV3 backbone: {"aux", "out"}
+  fasterrcnn_resnet50_fpn_v2 FasterRCNN (91 COCO classes by default):
+                             {"boxes", "scores", "labels"} in eval
 
 The ImageNet classifiers' `classifier.*` / `fc.*` keys are dropped (logged).
 With `num_classes` different from the checkpoint's, the class-dependent
@@ -21,14 +23,15 @@ head layers are initialised afresh (PRNGKey(0)): `load_torchvision` warns,
 mis-shaped key is a UserError naming each of them.
 `backbone_to_segmentation_variables` puts an imported backbone into a
 freshly initialised segmentation model (the paper starts from ImageNet).
+Reading .pth files and writing / reading orbax checkpoints
+(`tcr-jax import-torchvision`) is in checkpoint_io; its functions are
+importable from here too.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
-import os
 import warnings
 from typing import Any, Callable, Mapping
 
@@ -39,22 +42,27 @@ import numpy as np
 from flax import traverse_util
 
 from tcr_jax.errors import UserError
-from tcr_jax.tasks import deeplabv3, lraspp, mobilenetv3, resnet
+from tcr_jax.tasks import deeplabv3, faster_rcnn, lraspp, mobilenetv3, resnet
+# Checkpoint I/O lives in checkpoint_io; re-exported here for old imports.
+from tcr_jax.tasks.checkpoint_io import (import_to_checkpoint,  # noqa: F401
+                                        load_checkpoint, read_state_dict)
 
 Leaf = tuple[tuple[str, ...], str, str]  # (flax path, torch module, kind)
 
-# Per kind: (torch suffix, flax collection, flax name), and whether the
-# torch tensor is a conv weight to transpose from (O, I, kh, kw).
+# Per kind: (torch suffix, flax collection, flax name). A kernel's layout
+# follows the kind: conv (O, I, kh, kw) <-> (kh, kw, I, O); dense (O, I) <->
+# (I, O); dense_chw<s>, a Linear whose input torch flattens from (C, s, s)
+# and Flax from (s, s, C) (the box head's fc6 after 7x7 RoIAlign).
 _KIND_ENTRIES = {
     "conv": ((".weight", "params", "kernel"),),
     "conv_bias": ((".weight", "params", "kernel"), (".bias", "params", "bias")),
     "bn": ((".weight", "params", "scale"), (".bias", "params", "bias"),
            (".running_mean", "batch_stats", "mean"),
            (".running_var", "batch_stats", "var")),
+    "dense": ((".weight", "params", "kernel"), (".bias", "params", "bias")),
 }
+_DENSE_CHW = "dense_chw"
 _OPTIONAL_BN_SUFFIX = ".num_batches_tracked"
-_CHECKPOINT_META = "tcr_jax_task.json"
-_CHECKPOINT_ITEM = "variables"
 _MAX_LISTED = 8
 
 
@@ -100,6 +108,13 @@ ARCHS: dict[str, _Arch] = {
         build=lambda n, aux: resnet.ResNet50(),
         leaves=lambda aux: resnet.torch_leaves("", ()),
         dropped_prefixes=("fc.",), default_classes=0),
+    "fasterrcnn_resnet50_fpn_v2": _Arch(
+        build=lambda n, aux: faster_rcnn.FasterRCNN(num_classes=n),
+        leaves=lambda aux: faster_rcnn.torch_leaves(),
+        classes_key="roi_heads.box_predictor.cls_score.weight",
+        class_layers=("roi_heads.box_predictor.cls_score",
+                      "roi_heads.box_predictor.bbox_pred"),
+        default_classes=91),
 }
 SEGMENTATION_ARCHS = ("lraspp_mobilenet_v3_large", "deeplabv3_resnet50")
 BACKBONE_OF = {"lraspp_mobilenet_v3_large": "mobilenet_v3_large",
@@ -118,10 +133,16 @@ class ImportResult:
   dropped: list[str]        # checkpoint keys deliberately not used
 
 
-def _arch(arch: str) -> _Arch:
+def arch_spec(arch: str) -> _Arch:
+  """The ARCHS entry of `arch` (UserError naming the valid ones)."""
   if arch not in ARCHS:
     raise UserError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
   return ARCHS[arch]
+
+
+def build_module(arch: str, num_classes: int, aux_loss: bool = False) -> nn.Module:
+  """The Flax module of `arch` (variables not included)."""
+  return arch_spec(arch).build(num_classes, aux_loss)
 
 
 def _listing(items: list[str]) -> str:
@@ -180,16 +201,43 @@ def count_params(variables: Mapping[str, Any]) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(variables["params"])))
 
 
-def _torch_shape(flax_shape: tuple[int, ...], flax_name: str) -> tuple[int, ...]:
-  if flax_name == "kernel":  # (kh, kw, I, O) -> (O, I, kh, kw)
+def _entries(kind: str) -> tuple[tuple[str, str, str], ...]:
+  return _KIND_ENTRIES["dense" if kind.startswith(_DENSE_CHW) else kind]
+
+
+def _torch_shape(flax_shape: tuple[int, ...], flax_name: str,
+                 kind: str) -> tuple[int, ...]:
+  if flax_name != "kernel":
+    return tuple(flax_shape)
+  if kind.startswith("conv"):  # (kh, kw, I, O) -> (O, I, kh, kw)
     kh, kw, i, o = flax_shape
     return (o, i, kh, kw)
-  return tuple(flax_shape)
+  return tuple(flax_shape[::-1])  # (I, O) -> (O, I)
 
 
-def _from_torch(array: np.ndarray, flax_name: str) -> np.ndarray:
+def _from_torch(array: np.ndarray, flax_name: str, kind: str) -> np.ndarray:
   if flax_name == "kernel":
-    array = array.transpose(2, 3, 1, 0)
+    if kind.startswith("conv"):
+      array = array.transpose(2, 3, 1, 0)
+    elif kind.startswith(_DENSE_CHW):
+      s = int(kind[len(_DENSE_CHW):])
+      o = array.shape[0]
+      array = array.reshape(o, -1, s, s).transpose(2, 3, 1, 0).reshape(-1, o)
+    else:
+      array = array.T
+  return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _to_torch(array: np.ndarray, flax_name: str, kind: str) -> np.ndarray:
+  if flax_name == "kernel":
+    if kind.startswith("conv"):
+      array = array.transpose(3, 2, 0, 1)
+    elif kind.startswith(_DENSE_CHW):
+      s = int(kind[len(_DENSE_CHW):])
+      o = array.shape[1]
+      array = array.reshape(s, s, -1, o).transpose(3, 2, 0, 1).reshape(o, -1)
+    else:
+      array = array.T
   return np.ascontiguousarray(array, dtype=np.float32)
 
 
@@ -208,7 +256,7 @@ def convert_state_dict(arch: str, state_dict: Mapping[str, Any],
   Raises:
     UserError: unknown arch, or keys missing / unexpected / mis-shaped.
   """
-  spec = _arch(arch)
+  spec = arch_spec(arch)
   if not isinstance(state_dict, Mapping):
     raise UserError(f"expected a state_dict (a mapping of names to tensors), "
                     f"got {type(state_dict).__name__}")
@@ -252,7 +300,7 @@ def convert_state_dict(arch: str, state_dict: Mapping[str, Any],
   for fpath, tname, kind in leaves:
     if kind == "bn":
       used.add(tname + _OPTIONAL_BN_SUFFIX)
-    for suffix, collection, name in _KIND_ENTRIES[kind]:
+    for suffix, collection, name in _entries(kind):
       key, path = tname + suffix, (collection,) + fpath + (name,)
       used.add(key)
       if path not in abstract:
@@ -262,12 +310,12 @@ def convert_state_dict(arch: str, state_dict: Mapping[str, Any],
       if key not in arrays:
         missing.append(key)
         continue
-      want = _torch_shape(abstract[path].shape, name)
+      want = _torch_shape(abstract[path].shape, name, kind)
       got = tuple(arrays[key].shape)
       if got != want:
         misshaped.append(f"{key} {list(got)} (expected {list(want)})")
         continue
-      flat[path] = _from_torch(arrays[key], name)
+      flat[path] = _from_torch(arrays[key], name, kind)
 
   dropped, unexpected = [], []
   for key in arrays:
@@ -340,16 +388,14 @@ def export_state_dict(arch: str, variables: Mapping[str, Any]
   """The inverse of load_torchvision: torchvision names -> numpy arrays,
   loadable with torchvision's `model.load_state_dict(...)` (after
   torch.from_numpy). BN's num_batches_tracked is written as 0."""
-  spec = _arch(arch)
+  spec = arch_spec(arch)
   flat = traverse_util.flatten_dict(dict(variables))
   aux_loss = any(path[1] == "aux_classifier" for path in flat)
   state_dict = {}
   for fpath, tname, kind in spec.leaves(aux_loss):
-    for suffix, collection, name in _KIND_ENTRIES[kind]:
+    for suffix, collection, name in _entries(kind):
       array = np.asarray(flat[(collection,) + fpath + (name,)], np.float32)
-      if name == "kernel":  # (kh, kw, I, O) -> (O, I, kh, kw)
-        array = array.transpose(3, 2, 0, 1)
-      state_dict[tname + suffix] = np.ascontiguousarray(array)
+      state_dict[tname + suffix] = _to_torch(array, name, kind)
     if kind == "bn":
       state_dict[tname + _OPTIONAL_BN_SUFFIX] = np.array(0, np.int64)
   return state_dict
@@ -381,90 +427,4 @@ def backbone_to_segmentation_variables(
   variables = {col: dict(tree) for col, tree in variables.items()}
   for col in variables:
     variables[col]["backbone"] = jax.tree.map(jnp.asarray, backbone_variables[col])
-  return module, variables
-
-
-# ----------------------------------------------------------------------------
-# .pth files and orbax checkpoints
-
-
-def read_state_dict(path: str) -> dict[str, Any]:
-  """Reads a torch.save'd state_dict (or a torchvision reference-script
-  checkpoint holding one under "model") on the CPU, weights only."""
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise UserError("reading .pth files needs torch: install the parity "
-                    "extra (pip install -e .[parity])") from e
-  if not os.path.isfile(path):
-    raise UserError(f"state_dict file not found: {path}")
-  try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # pickle, zip and weights_only errors alike
-    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise UserError(f"could not read {path} as a torch state_dict: {reason}") from e
-  for wrapper in ("model", "state_dict"):
-    if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
-      obj = obj[wrapper]
-  if not isinstance(obj, Mapping) or not all(
-      isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-    raise UserError(f"{path} does not hold a state_dict (names -> tensors)")
-  return dict(obj)
-
-
-def _build(arch: str, num_classes: int, aux_loss: bool) -> nn.Module:
-  return _arch(arch).build(num_classes, aux_loss)
-
-
-def import_to_checkpoint(arch: str, state_dict_path: str,
-                         output_dir: str) -> dict[str, Any]:
-  """Converts a torchvision .pth to an orbax checkpoint in output_dir.
-
-  Writes output_dir/variables (orbax StandardCheckpointer, the
-  {"params", "batch_stats"} pytree) and output_dir/tcr_jax_task.json
-  (arch, num_classes, aux_loss). Returns a summary: arch, num_classes,
-  aux_loss, num_params, output, reinitialised, dropped.
-  """
-  _arch(arch)
-  output_dir = os.path.abspath(output_dir)
-  if os.path.exists(output_dir) and (not os.path.isdir(output_dir)
-                                     or os.listdir(output_dir)):
-    raise UserError(f"output {output_dir} exists and is not an empty directory")
-  state_dict = read_state_dict(state_dict_path)
-  result = convert_state_dict(arch, state_dict)
-
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  os.makedirs(output_dir, exist_ok=True)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(output_dir, _CHECKPOINT_ITEM), result.variables)
-  checkpointer.wait_until_finished()
-  checkpointer.close()
-  meta = {"arch": arch, "num_classes": result.num_classes,
-          "aux_loss": result.aux_loss, "source": os.path.abspath(state_dict_path)}
-  with open(os.path.join(output_dir, _CHECKPOINT_META), "w") as f:
-    json.dump(meta, f, indent=2)
-  return {"arch": arch, "num_classes": result.num_classes,
-          "aux_loss": result.aux_loss,
-          "num_params": count_params(result.variables),
-          "output": output_dir, "reinitialised": result.reinitialised,
-          "dropped": result.dropped}
-
-
-def load_checkpoint(output_dir: str) -> tuple[nn.Module, dict[str, Any]]:
-  """(module, variables) from a directory written by import_to_checkpoint."""
-  output_dir = os.path.abspath(output_dir)
-  meta_path = os.path.join(output_dir, _CHECKPOINT_META)
-  if not os.path.isfile(meta_path):
-    raise UserError(f"{output_dir} is not a tcr-jax import-torchvision "
-                    f"checkpoint (no {_CHECKPOINT_META})")
-  with open(meta_path) as f:
-    meta = json.load(f)
-  module = _build(meta["arch"], meta["num_classes"], meta["aux_loss"])
-  abstract = abstract_variables(module)
-
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  checkpointer = ocp.StandardCheckpointer()
-  variables = checkpointer.restore(os.path.join(output_dir, _CHECKPOINT_ITEM),
-                                   abstract)
-  checkpointer.close()
   return module, variables
