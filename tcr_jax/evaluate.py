@@ -134,7 +134,8 @@ class Evaluator:
                "depth_count": jnp.sum(batch["valid"], axis=(1, 2)).astype(jnp.float32),
                "psnr": objectives.psnr(x, out["x_rec"]),
                "rec_rmse255": objectives.rmse_255_per_image(x, out["x_rec"])},
-              {"disparity": out["disparity"], "x_rec": out["x_rec"], "image": x})
+              {"disparity": out["disparity"], "x_rec": out["x_rec"], "image": x,
+               "gt_disparity": batch["disparity"], "valid": batch["valid"]})
     y_b, lik_b = self.base.apply(frozen, x, method="encode")
     out = self.enh.apply(variables, x, y_b * hp["side_gate"], train=False)
     pixels = objectives.rate_pixels(x.shape[1], x.shape[2],

@@ -69,8 +69,11 @@ class ImageCodec(nn.Module):
   hyper_channels: int = 128
   quantizer: str = "ste"
 
-  multiple = transforms.AnalysisTransform.downsampling
   entropy_variables = staticmethod(entropy_variables)
+
+  @property
+  def multiple(self) -> int:
+    return transforms.downsampling(self.widths)
 
   @nn.nowrap
   def entropy_model(self) -> entropy_models.GaussianEntropyModel:
@@ -128,10 +131,15 @@ class DepthBase(nn.Module):
   quantizer: str = "ste"
   likelihood_bound: str = "clamp"
   disparity_scale: float = 128.0
+  head_bn_momentum: float = 0.01  # torch convention, as torchvision's
   compute_dtype: str = "float32"
 
-  multiple = 32
   entropy_variables = staticmethod(entropy_variables)
+
+  @property
+  def multiple(self) -> int:
+    """The x1/2 resampling, then g_a's strides (32 with three widths)."""
+    return 2 * transforms.downsampling(self.widths)
 
   @nn.nowrap
   def entropy_model(self) -> entropy_models.GaussianEntropyModel:
@@ -149,7 +157,8 @@ class DepthBase(nn.Module):
     self.em = self.entropy_model()
     self.g_s_task = transforms.SynthesisTransform(3, widths[::-1],
                                                   self.task_blocks, dtype=dt)
-    self.head = LRASPPMobileNetV3(num_classes=1)
+    self.head = LRASPPMobileNetV3(
+        num_classes=1, backbone_bn_momentum=1.0 - self.head_bn_momentum)
     self.up_depth = layers.conv(1, 5)
     self.g_s_rec = transforms.SynthesisTransform(3, widths[::-1],
                                                  self.recon_blocks, dtype=dt)
@@ -222,8 +231,12 @@ class Enhancement(nn.Module):
   ignore_index: int = 19
   compute_dtype: str = "float32"
 
-  multiple = 16  # of the half-resolution input
   entropy_variables = staticmethod(entropy_variables)
+
+  @property
+  def multiple(self) -> int:
+    """g_a's strides, on the half-resolution input (16 with three widths)."""
+    return transforms.downsampling(self.widths)
 
   @nn.nowrap
   def entropy_model(self) -> entropy_models.GaussianEntropyModel:
@@ -296,6 +309,7 @@ def base_model(config) -> DepthBase:
       hyper_channels=m.hyper_channels, quantizer=m.quantizer,
       likelihood_bound=m.likelihood_bound,
       disparity_scale=config.task.disparity_scale,
+      head_bn_momentum=config.task.depth_bn_momentum,
       compute_dtype=m.compute_dtype)
 
 

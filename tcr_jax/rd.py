@@ -180,11 +180,43 @@ def write_report(records: list[dict], workdir: str, experiment: str,
     lines.append(f"| {c['title']} | {c['anchor']} | {c['test']} | "
                  f"{len(c['anchor_curve'][0])}/{len(c['test_curve'][0])} | "
                  f"{_fmt_bd(c['bd']['cubic'])} | {_fmt_bd(c['bd']['pchip'])} |")
+  lines += _reference_lines(records)
   text = "\n".join(lines) + "\n"
   with open(os.path.join(workdir, "bd_rate.md"), "w") as f:
     f.write(text)
   _plots(records, comps, workdir, experiment)
   return text
+
+
+_REFERENCES = (  # (record key, what it is, model key, lower is better)
+    ("constant_disparity_rmse", "depth RMSE (px) predicting one constant",
+     "depth_rmse", True),
+    ("mean_disparity_rmse", "depth RMSE (px) predicting the per-pixel mean "
+     "disparity", "depth_rmse", True),
+    ("mean_image_psnr", "PSNR (dB) of the mean training image",
+     "psnr_from_base", False),
+)
+
+
+def _reference_lines(records) -> list[str]:
+  """The trivial references next to the best model of each method."""
+  refs = [r for r in records if r.get("layer") == "reference"]
+  if not refs:
+    return []
+  ref = refs[0]
+  lines = ["", "Trivial references (from the training split, measured on the "
+           "validation images) and the best base model of each method:", "",
+           "| reference | value | baseline | proposal |", "| --- | --- | --- | --- |"]
+  for key, label, model_key, lower in _REFERENCES:
+    if ref.get(key) is None:
+      continue
+    best = []
+    for method in ("baseline", "proposal"):
+      values = [r[model_key] for r in records if r.get("layer") == "base"
+                and r.get("method") == method and r.get(model_key) is not None]
+      best.append(f"{(min if lower else max)(values):.3f}" if values else "-")
+    lines.append(f"| {label} | {ref[key]:.3f} | {best[0]} | {best[1]} |")
+  return lines
 
 
 def _plots(records, comps, workdir, experiment):
@@ -204,6 +236,11 @@ def _plots(records, comps, workdir, experiment):
           continue
         drawn.add(method)
         ax.plot(r, q, "o-", label=method)
+    ref = next((r for r in records if r.get("layer") == "reference"), {})
+    for key, label, model_key, _ in _REFERENCES:
+      if model_key == cs[0]["key"] and ref.get(key) is not None and key != "constant_disparity_rmse":
+        ax.axhline(ref[key], color="grey", ls="--", lw=1, label=label.split(" predicting ")[-1]
+                   .replace("PSNR (dB) of the ", ""))
     ax.set_xlabel("bpp" + (" (base + enhancement)" if cs[0]["layer"] == "enhancement" else " (base)"))
     ax.set_ylabel(cs[0]["key"].replace("_", " "))
     ax.set_title(f"{experiment}: {cs[0]['title'].split(':')[0]}", fontsize=9)
@@ -215,14 +252,16 @@ def _plots(records, comps, workdir, experiment):
 
 
 def save_preview(path: str, base_out: dict, enh_out: dict, task: str) -> None:
-  """Rows of: input, disparity, reconstruction read off the base, enhancement."""
+  """Rows of: input, ground-truth disparity, predicted disparity (same colour
+  scale), reconstruction read off the base, enhancement."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   os.makedirs(os.path.dirname(path), exist_ok=True)
   n = len(base_out["image"])
-  fig, axes = plt.subplots(n, 4, figsize=(12, 1.9 * n + 0.4), squeeze=False)
-  titles = ("input", "disparity (base task)", "reconstruction from base",
+  fig, axes = plt.subplots(n, 5, figsize=(15, 1.9 * n + 0.4), squeeze=False)
+  titles = ("input", "disparity (ground truth)", "disparity (base task)",
+            "reconstruction from base",
             "enhancement" + (" (segmentation)" if task == "segmentation" else ""))
   for i in range(n):
     enh = enh_out.get("x_hat", enh_out.get("segmentation"))[i]
@@ -231,12 +270,17 @@ def save_preview(path: str, base_out: dict, enh_out: dict, task: str) -> None:
       palette = np.zeros((256, 3), np.uint8)  # the ignore class: black
       palette[:len(CITYSCAPES_PALETTE)] = CITYSCAPES_PALETTE
       enh = palette[np.asarray(enh).astype(np.int64)]
-    panels = (base_out["image"][i], base_out["disparity"][i],
+    gt = np.where(base_out["valid"][i], base_out["gt_disparity"][i], np.nan)
+    vmax = float(np.nanmax(gt)) if np.isfinite(gt).any() else None
+    panels = (base_out["image"][i], gt, base_out["disparity"][i],
               np.clip(base_out["x_rec"][i], 0, 1),
               np.clip(enh, 0, 1) if task != "segmentation" else enh)
     for j, img in enumerate(panels):
       ax = axes[i, j]
-      ax.imshow(img, cmap="magma" if j == 1 else None)
+      if j in (1, 2):
+        ax.imshow(img, cmap="magma", vmin=0, vmax=vmax)
+      else:
+        ax.imshow(img)
       ax.axis("off")
       if i == 0:
         ax.set_title(titles[j], fontsize=8)

@@ -12,6 +12,11 @@ Each trained model is evaluated on the validation split and becomes one
 record of results.json; rd.py then writes bd_rate.md and the RD plots, and
 previews/ gets the outputs of the first validation images.
 
+With config.sweep.warm_start (the :synthetic demo), each alpha's models start
+from the previous alpha's models of the same method (alphas in the given
+order, highest rate first) and train train.*_warm_steps steps instead of
+train.*_steps.
+
 Stages live in WORKDIR/stages/NAME (tcr_jax/train.py); running the same
 command again skips finished stages and resumes the one in progress.
 TensorFlow (clu's TensorBoard writer) is only imported here, at run time.
@@ -74,20 +79,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   note = train.initial_weights_note(c)
   if note:
     train.log(note)
-  records, previews = [], []
+  records = []
+  reference = reference_record(c, exp)
+  if reference:
+    records.append(reference)
+    train.log("trivial references: " + train._fmt(reference))
+  previews = []
+  last: dict[tuple[str, str], object] = {}  # (kind, method) -> variables
+
   for alpha in c.sweep.alphas:
     alpha_e = alpha * c.sweep.enhancement_alpha_scale
     for method in c.sweep.methods:
       beta = 0.0 if method == "baseline" else c.sweep.beta
       bstage = train.Stage(stage_name("base", method, alpha), "base",
-                           c.train.base_steps, {"alpha": alpha, "beta": beta})
+                           hp={"alpha": alpha, "beta": beta},
+                           **chain_start(c, "base", method, last))
       base_vars, bm = train.run_stage(exp, bstage, writer_factory)
+      last["base", method] = base_vars
       records.append(record(c, "base", method, alpha, beta, bm))
       estage = train.Stage(stage_name("enhancement", method, alpha),
-                           "enhancement", c.train.enhancement_steps,
-                           {"alpha": alpha_e, "side_gate": 1.0, "base_rate": 1.0},
-                           frozen=base_vars)
+                           "enhancement",
+                           hp={"alpha": alpha_e, "side_gate": 1.0, "base_rate": 1.0},
+                           frozen=base_vars, **chain_start(c, "enhancement", method, last))
       enh_vars, em = train.run_stage(exp, estage, writer_factory)
+      last["enhancement", method] = enh_vars
       records.append(record(c, "enhancement", method, alpha, beta,
                             {**em, "depth_rmse": bm["depth_rmse"],
                              "psnr_from_base": bm["psnr_from_base"],
@@ -95,13 +110,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       previews.append((alpha, method, bstage, base_vars, estage, enh_vars))
     if c.sweep.standalone:
       refit = c.sweep.standalone_mode == "refit"
+      chain = {} if refit else chain_start(c, "enhancement", "standalone", last)
       sstage = train.Stage(
           stage_name("enhancement", "standalone", alpha), "enhancement",
-          c.train.enhancement_steps,
-          {"alpha": alpha_e, "side_gate": 0.0, "base_rate": float(refit)},
-          frozen=base_vars, init=enh_vars if refit else None,
-          trainable="entropy_model" if refit else "all")
-      _, sm = train.run_stage(exp, sstage, writer_factory)
+          hp={"alpha": alpha_e, "side_gate": 0.0, "base_rate": float(refit)},
+          frozen=base_vars, trainable="entropy_model" if refit else "all",
+          **(dict(steps=c.train.enhancement_steps, init=enh_vars) if refit
+             else chain))
+      svars, sm = train.run_stage(exp, sstage, writer_factory)
+      last["enhancement", "standalone"] = svars
       records.append(record(c, "enhancement", "standalone", alpha, None, sm))
 
   checkpoints.write_json(os.path.join(workdir, "results.json"), records)
@@ -114,7 +131,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     from tcr_jax import rd
     print(rd.write_report(records, workdir, c.experiment,
                           c.task.enhancement_rate_pixels), flush=True)
+    plots = sorted(f for f in os.listdir(workdir) if f.startswith("rd_"))
+    print("RD plots: " + ", ".join(os.path.join(workdir, f) for f in plots))
+    print(f"previews: {os.path.join(workdir, 'previews')}/", flush=True)
   return records
+
+
+def chain_start(c, kind: str, method: str, last: dict) -> dict:
+  """Stage arguments (steps, init) of a method's next model: with
+  config.sweep.warm_start, the previous alpha's variables of the same kind and
+  method (`last`) and train.*_warm_steps; otherwise from scratch, *_steps."""
+  base = kind == "base"
+  if c.sweep.warm_start and (kind, method) in last:
+    return {"steps": c.train.base_warm_steps if base else c.train.enhancement_warm_steps,
+            "init": last[kind, method]}
+  return {"steps": c.train.base_steps if base else c.train.enhancement_steps}
+
+
+def reference_record(c, exp: train.Experiment) -> dict | None:
+  """The trivial references (tcr_jax/references.py) as a results record;
+  None when config.eval.reference_train_images is 0. Process 0 computes,
+  every process receives them."""
+  if c.eval.reference_train_images <= 0:
+    return None
+  import numpy as np
+  from tcr_jax import references
+  names = ("constant_disparity_rmse", "mean_disparity_rmse", "mean_image_psnr")
+  values = np.zeros(len(names), np.float32)
+  if jax.process_index() == 0:
+    refs = references.trivial_references(
+        exp.loader.train_data, exp.loader.val_data,
+        c.eval.reference_train_images, exp.eval_images)
+    values = np.array([refs[n] for n in names], np.float32)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    values = np.asarray(multihost_utils.broadcast_one_to_all(values))
+  return {"experiment": c.experiment, "layer": "reference", "method": "trivial",
+          **{n: float(v) for n, v in zip(names, values)}}
 
 
 def _write_previews(exp: train.Experiment, previews) -> None:

@@ -50,10 +50,10 @@ class Stage:
   """One model to train: what it is, its hyper-parameters and its inputs."""
   name: str
   kind: str              # "base" or "enhancement"
-  steps: int
+  steps: int = 0
   # alpha; beta (base); side_gate (1: the base latent is the side
   # information, 0: zeros) and base_rate (1: R_b counts in L_e) (enhancement)
-  hp: dict[str, float]
+  hp: dict[str, float] = dataclasses.field(default_factory=dict)
   frozen: PyTree = None  # the base variables, for an enhancement
   init: PyTree = None    # variables to start from (None: the kind's init)
   trainable: str = "all"  # or "entropy_model": the rest stays frozen
@@ -122,8 +122,21 @@ def enhancement_loss_fn(model: models.Enhancement, base: models.DepthBase,
   return loss, ({"loss": loss, **terms}, state.get("batch_stats", {}))
 
 
-def train_step(state: TrainState, batch, hp, frozen, *, loss_fn: Callable
-               ) -> tuple[TrainState, dict]:
+SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate_scale(step, steps, schedule: str) -> jax.Array:
+  """The factor on the configured learning rate at `step` of `steps`:
+  1 ("constant"), or a cosine decay from 1 to 0 over the stage ("cosine")."""
+  if schedule == "constant":
+    return jnp.float32(1.0)
+  progress = jnp.clip(step / jnp.maximum(steps, 1.0), 0.0, 1.0)
+  return 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+
+
+def train_step(state: TrainState, batch, hp, frozen, *, loss_fn: Callable,
+               schedule: str = "constant") -> tuple[TrainState, dict]:
+  """One update; hp["steps"] (the stage's length) drives the schedule."""
   rng = jax.random.fold_in(state.rng, state.step)
 
   def differentiate(params):
@@ -132,7 +145,12 @@ def train_step(state: TrainState, batch, hp, frozen, *, loss_fn: Callable
 
   (_, (metrics, batch_stats)), grads = jax.value_and_grad(
       differentiate, has_aux=True)(state.params)
-  state = state.apply_gradients(grads=grads).replace(batch_stats=batch_stats)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  scale = learning_rate_scale(state.step, hp.get("steps", 1.0), schedule)
+  updates = jax.tree.map(lambda u: u * scale, updates)
+  state = state.replace(step=state.step + 1,
+                        params=optax.apply_updates(state.params, updates),
+                        opt_state=opt_state, batch_stats=batch_stats)
   return state, metrics
 
 
@@ -193,7 +211,8 @@ class Experiment:
   def train_step(self, kind: str, trainable: str = "all") -> Callable:
     if (kind, trainable) not in self._steps:
       r, b = self.replicated, self.batch_sharding
-      step = functools.partial(train_step, loss_fn=self.loss_fn(kind))
+      step = functools.partial(train_step, loss_fn=self.loss_fn(kind),
+                               schedule=self.config.train.lr_schedule)
       self._steps[kind, trainable] = jax.jit(
           step, in_shardings=(r, b, r, r), out_shardings=(r, r),
           donate_argnums=0)
@@ -284,7 +303,8 @@ def initial_weights_note(config) -> str | None:
     scratch.append("the segmentation head (config.init.segmentation_backbone)")
   if not scratch:
     return None
-  return (f"note: {' and '.join(scratch)} start from random weights; the "
+  verb = "starts" if len(scratch) == 1 else "start"
+  return (f"note: {' and '.join(scratch)} {verb} from random weights; the "
           "authors start from torchvision's ImageNet backbones (README: "
           "tcr-jax import-torchvision)")
 
@@ -355,8 +375,8 @@ def _train(exp: Experiment, stage: Stage, state: TrainState, mngr, writer
                                              writer=writer,
                                              every_steps=t.log_every)
   step_fn = exp.train_step(stage.kind, stage.trainable)
-  hp = jax.device_put({k: jnp.float32(v) for k, v in stage.hp.items()},
-                      exp.replicated)
+  hp = jax.device_put({k: jnp.float32(v) for k, v in
+                       {**stage.hp, "steps": stage.steps}.items()}, exp.replicated)
   eval_count = min(t.eval_images_during_training, exp.eval_images)
   t0, s0 = time.perf_counter(), int(state.step)
   if stopped(s0):

@@ -23,6 +23,11 @@ import jax.numpy as jnp
 from tcr_jax.codec import layers
 
 
+def downsampling(widths: Sequence[int]) -> int:
+  """g_a's total stride: one stride-2 conv per width, and the last one."""
+  return 2 ** (len(widths) + 1)
+
+
 class ResidualBottleneck(nn.Module):
   """x + conv1x1(elu(convkxk(elu(conv1x1(x)))))."""
   kernel: int = 3
@@ -44,7 +49,7 @@ class AnalysisTransform(nn.Module):
   blocks: int = 3
   dtype: jnp.dtype | None = None
 
-  downsampling = 16
+  downsampling = 16  # with three widths; see downsampling(widths)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 
 from tcr_jax.tasks.layers import ConvBN, conv2d, global_avg_pool, resize_bilinear
-from tcr_jax.tasks.mobilenetv3 import MobileNetV3Large
+from tcr_jax.tasks.mobilenetv3 import BN_MOMENTUM, MobileNetV3Large
 
 INTER_CHANNELS = 128
 
@@ -49,12 +49,16 @@ class LRASPPMobileNetV3(nn.Module):
 
   Attributes:
     num_classes: output channels (1 for the paper's depth head).
+    backbone_bn_momentum: the backbone's batch-norm decay (Flax convention;
+      torchvision: 0.99, i.e. torch momentum 0.01).
   """
   num_classes: int = 21
+  backbone_bn_momentum: float = BN_MOMENTUM
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
-    features = MobileNetV3Large(dilated=True, name="backbone")(x, train)
+    features = MobileNetV3Large(dilated=True, bn_momentum=self.backbone_bn_momentum,
+                                name="backbone")(x, train)
     out = LRASPPHead(self.num_classes, name="classifier")(features, train)
     return {"out": resize_bilinear(out, x.shape[1:3])}
 

@@ -86,12 +86,13 @@ class SqueezeExcite(nn.Module):
 class InvertedResidual(nn.Module):
   """Expand (1x1) -> depthwise (k x k) -> [SE] -> project (1x1) [+ input]."""
   config: BlockConfig
+  bn_momentum: float = BN_MOMENTUM
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     cfg = self.config
     act = jax.nn.hard_swish if cfg.hardswish else nn.relu
-    bn = dict(bn_momentum=BN_MOMENTUM, bn_epsilon=BN_EPSILON)
+    bn = dict(bn_momentum=self.bn_momentum, bn_epsilon=BN_EPSILON)
     y = x
     if cfg.expanded != cfg.in_channels:
       y = ConvBN(cfg.expanded, 1, activation=act, name="expand", **bn)(y, train)
@@ -110,18 +111,21 @@ class MobileNetV3Large(nn.Module):
   """MobileNetV3-Large features; returns {"low": ..., "high": ...} (NHWC).
 
   dilated=True (the default, as in LRASPP) gives output stride 16.
+  bn_momentum: the decay of the batch-norm running averages (Flax's
+  convention; torchvision's 0.01 is 0.99 here).
   """
   dilated: bool = True
+  bn_momentum: float = BN_MOMENTUM
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
-    bn = dict(bn_momentum=BN_MOMENTUM, bn_epsilon=BN_EPSILON)
+    bn = dict(bn_momentum=self.bn_momentum, bn_epsilon=BN_EPSILON)
     blocks = large_blocks(self.dilated)
     x = ConvBN(blocks[0].in_channels, 3, stride=2, activation=jax.nn.hard_swish,
                name="stem", **bn)(x, train)
     low = None
     for i, cfg in enumerate(blocks, start=1):
-      x = InvertedResidual(cfg, name=f"block{i}")(x, train)
+      x = InvertedResidual(cfg, self.bn_momentum, name=f"block{i}")(x, train)
       if i == LOW_FEATURE_INDEX:
         low = x
     high = ConvBN(LAST_CHANNELS, 1, activation=jax.nn.hard_swish, name="last",

@@ -1,0 +1,169 @@
+"""What the :synthetic demo relies on: the trivial references, warm starts
+along the alphas, the learning-rate schedule, the depth head's batch-norm
+momentum, and the report that sets references next to the models."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tcr_jax import configs_lib, rd, references, sweep, train
+from tcr_jax.errors import UserError
+
+
+class _Scenes:
+  """A dataset of `n` fixed scenes: disparity = row * slope (+ noise)."""
+
+  def __init__(self, n, seed, noise=0.0, h=4, w=6):
+    rng = np.random.default_rng(seed)
+    rows = np.arange(h, dtype=np.float32)[:, None] * np.ones((1, w), np.float32)
+    self.disparity = rows[None] * 2.0 + noise * rng.normal(size=(n, h, w)).astype(np.float32)
+    self.valid = np.ones((n, h, w), bool)
+    self.valid[:, 0, 0] = False  # an invalid pixel never counts
+    self.disparity[:, 0, 0] = 1e6
+    self.image = rng.uniform(size=(n, h, w, 3)).astype(np.float32)
+
+  def __len__(self):
+    return len(self.image)
+
+  def batch(self, indices):
+    i = np.asarray(list(indices))
+    return {"image": self.image[i], "disparity": self.disparity[i], "valid": self.valid[i]}
+
+
+def test_references_on_scenes_that_follow_the_row():
+  train_data, val_data = _Scenes(10, 0), _Scenes(5, 1)
+  refs = references.trivial_references(train_data, val_data, 10, 5, batch=3)
+  # Disparity is exactly 2 * row: the per-pixel mean map is exact, a constant
+  # is off by the rows' spread (valid pixels only: the 1e6 ones are ignored).
+  assert refs["mean_disparity_rmse"] == pytest.approx(0.0, abs=1e-6)
+  d = val_data.disparity[val_data.valid]
+  constant = train_data.disparity[train_data.valid].mean()
+  assert refs["constant_disparity_rmse"] == pytest.approx(
+      float(np.sqrt(np.mean((d - constant) ** 2))), rel=1e-6)
+  mean_image = train_data.image.mean(0)
+  mse = ((val_data.image - mean_image) ** 2).mean(axis=(1, 2, 3))
+  assert refs["mean_image_psnr"] == pytest.approx(float(np.mean(-10 * np.log10(mse))), rel=1e-6)
+
+
+def test_per_pixel_mean_beats_a_constant_on_the_synthetic_scenes(configs):
+  from tcr_jax.data import make_dataset
+  c = configs.smoke()
+  tr, va = make_dataset(c, "train"), make_dataset(c, "validation")
+  refs = references.trivial_references(tr, va, 64, 16)
+  assert refs["mean_disparity_rmse"] < refs["constant_disparity_rmse"]
+  assert 5.0 < refs["mean_image_psnr"] < 30.0
+
+
+def test_cosine_schedule_runs_from_one_to_zero():
+  s = lambda step: float(train.learning_rate_scale(jnp.float32(step), 100.0, "cosine"))
+  assert s(0) == pytest.approx(1.0)
+  assert s(50) == pytest.approx(0.5, abs=1e-6)
+  assert s(100) == pytest.approx(0.0, abs=1e-6)
+  assert s(25) > s(50) > s(75)
+  assert float(train.learning_rate_scale(jnp.float32(70), 100.0, "constant")) == 1.0
+
+
+def test_schedule_scales_the_update():
+  """A plain-SGD state: the step taken is lr * scale * grad."""
+  import optax
+  params = {"w": jnp.ones((3,))}
+  state = train.TrainState.create(apply_fn=None, params=params, tx=optax.sgd(0.1),
+                                  batch_stats={}, rng=jax.random.key(0))
+  state = state.replace(step=jnp.asarray(50))
+
+  def loss_fn(variables, batch, rng, hp, frozen):
+    del rng, hp, frozen
+    loss = jnp.sum(variables["params"]["w"] * batch["x"])
+    return loss, ({"loss": loss}, {})
+
+  batch = {"x": jnp.array([1.0, 2.0, 3.0])}
+  hp = {"steps": jnp.float32(100)}
+  for schedule, scale in (("constant", 1.0), ("cosine", 0.5)):
+    new, _ = train.train_step(state, batch, hp, None, loss_fn=loss_fn, schedule=schedule)
+    np.testing.assert_allclose(new.params["w"], 1.0 - 0.1 * scale * batch["x"], rtol=1e-6)
+
+
+def test_warm_start_chains_each_method_and_kind(configs):
+  c = configs.load("depth_recon", "synthetic")
+  last = {}
+  first = sweep.chain_start(c, "base", "proposal", last)
+  assert first == {"steps": c.train.base_steps}
+  last["base", "proposal"] = "proposal variables"
+  assert sweep.chain_start(c, "base", "proposal", last) == {
+      "steps": c.train.base_warm_steps, "init": "proposal variables"}
+  # Another method, or the enhancement, starts its own chain.
+  assert sweep.chain_start(c, "base", "baseline", last) == {"steps": c.train.base_steps}
+  assert sweep.chain_start(c, "enhancement", "proposal", last) == {
+      "steps": c.train.enhancement_steps}
+  with c.unlocked():
+    c.sweep.warm_start = False
+  assert sweep.chain_start(c, "base", "proposal", last) == {"steps": c.train.base_steps}
+
+
+def test_warm_start_without_warm_steps_is_refused(configs):
+  c = configs.load("depth_recon", "synthetic")
+  with c.unlocked():
+    c.train.base_warm_steps = 0
+  with pytest.raises(UserError, match="base_warm_steps"):
+    configs_lib.validate(c)
+
+
+def test_depth_head_batch_norm_uses_the_configured_momentum(configs, random_variables):
+  from tcr_jax.tasks import LRASPPMobileNetV3
+  x = jnp.full((2, 32, 32, 3), 0.5)
+  for momentum in (0.01, 0.1):
+    head = LRASPPMobileNetV3(num_classes=1, backbone_bn_momentum=1.0 - momentum)
+    v = random_variables(head, x, train=False)
+    _, upd = head.apply(v, x, train=True, mutable=["batch_stats"])
+    stem = v["batch_stats"]["backbone"]["stem"]["bn"]
+    new = upd["batch_stats"]["backbone"]["stem"]["bn"]
+    # running = (1 - m) * old + m * batch mean; old mean is 0, so new/m is
+    # the same batch mean whichever m.
+    batch_mean = np.asarray(new["mean"]) / momentum
+    if momentum == 0.01:
+      ref = batch_mean
+    else:
+      np.testing.assert_allclose(batch_mean, ref, rtol=1e-4, atol=1e-6)
+    assert np.abs(np.asarray(new["mean"]) - np.asarray(stem["mean"])).max() > 0
+  c = configs.load("depth_recon", "synthetic")
+  with c.unlocked():
+    c.task.depth_bn_momentum = 0.0
+  with pytest.raises(UserError, match="depth_bn_momentum"):
+    configs_lib.validate(c)
+
+
+def _records():
+  recs = [{"experiment": "depth_recon", "layer": "reference", "method": "trivial",
+           "constant_disparity_rmse": 2.0, "mean_disparity_rmse": 1.0,
+           "mean_image_psnr": 15.0}]
+  for method, shift in (("baseline", 0.0), ("proposal", 0.1)):
+    for i, alpha in enumerate((0.1, 0.3, 1.0, 3.0)):
+      bpp = 0.4 / (i + 1)
+      recs.append({"experiment": "depth_recon", "layer": "base", "method": method,
+                   "alpha": alpha, "bpp_base": bpp, "depth_rmse": 0.5 + 0.1 * i - shift,
+                   "psnr_from_base": 20.0 - i + 10 * shift})
+      recs.append({"experiment": "depth_recon", "layer": "enhancement",
+                   "method": method, "alpha": alpha, "bpp_base": bpp,
+                   "bpp_enhancement": bpp, "psnr": 25.0 - i,
+                   "depth_rmse": 0.5, "psnr_from_base": 20.0})
+  return recs
+
+
+def test_report_sets_references_next_to_the_best_models(tmp_path):
+  text = rd.write_report(_records(), str(tmp_path), "depth_recon")
+  lines = {l.split("|")[1].strip(): l for l in text.splitlines() if l.startswith("| depth") or l.startswith("| PSNR")}
+  per_pixel = lines["depth RMSE (px) predicting the per-pixel mean disparity"]
+  cells = [c.strip() for c in per_pixel.split("|")[2:5]]
+  assert cells == ["1.000", "0.500", "0.400"]  # reference, best baseline, best proposal
+  psnr = [c.strip() for c in lines["PSNR (dB) of the mean training image"].split("|")[2:5]]
+  assert psnr == ["15.000", "20.000", "21.000"]
+  assert (tmp_path / "bd_rate.md").read_text() == text
+  assert any(p.name.startswith("rd_") for p in tmp_path.iterdir())
+
+
+def test_report_without_references_has_no_reference_table(tmp_path):
+  without = rd.write_report(_records()[1:], str(tmp_path), "depth_recon")
+  with_refs = rd.write_report(_records(), str(tmp_path), "depth_recon")
+  assert "Trivial references" not in without
+  # The references only add their table after the BD-rates.
+  assert with_refs.startswith(without.rstrip("\n"))
