@@ -15,7 +15,9 @@ previews/ gets the outputs of the first validation images.
 With config.sweep.warm_start (the :synthetic demo), each alpha's models start
 from the previous alpha's models of the same method (alphas in the given
 order, highest rate first) and train train.*_warm_steps steps instead of
-train.*_steps.
+train.*_steps; with train.base_pretrain_steps > 0, every base model of the
+first alpha starts from one shared model (stage base_pretrain: beta 0, the
+first alpha), so baseline and proposal differ only in their own steps.
 
 Stages live in WORKDIR/stages/NAME (tcr_jax/train.py); running the same
 command again skips finished stages and resumes the one in progress.
@@ -86,6 +88,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     train.log("trivial references: " + train._fmt(reference))
   previews = []
   last: dict[tuple[str, str], object] = {}  # (kind, method) -> variables
+  if c.sweep.warm_start and c.train.base_pretrain_steps > 0:
+    # One shared start for every base chain: trained as a baseline (beta 0)
+    # at the first alpha, so no method gets more steps than another.
+    pstage = train.Stage("base_pretrain", "base", c.train.base_pretrain_steps,
+                         {"alpha": c.sweep.alphas[0], "beta": 0.0})
+    shared, _ = train.run_stage(exp, pstage, writer_factory)
+    for method in c.sweep.methods:
+      last["base", method] = shared
 
   for alpha in c.sweep.alphas:
     alpha_e = alpha * c.sweep.enhancement_alpha_scale
