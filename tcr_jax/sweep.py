@@ -31,6 +31,13 @@ def stage_name(kind: str, method: str, alpha: float) -> str:
   return f"{kind}_{method}_alpha{alpha:g}"
 
 
+def base_task_metrics(c) -> tuple[str, ...]:
+  """The base task's metrics in results.json: depth RMSE, or detection mAP."""
+  if c.task.get("base", "depth") == "detection":
+    return ("map", "map50")
+  return ("depth_rmse",)
+
+
 def record(c, layer: str, method: str, alpha: float, beta, m: dict) -> dict:
   """One line of results.json."""
   enh_metric = "psnr" if c.task.enhancement == "reconstruction" else "miou"
@@ -39,7 +46,7 @@ def record(c, layer: str, method: str, alpha: float, beta, m: dict) -> dict:
       "alpha": alpha, "beta": beta,
       "bpp_base": m.get("bpp_base"),
       "bpp_enhancement": m.get("bpp_enhancement") if layer == "enhancement" else None,
-      "depth_rmse": m.get("depth_rmse"),
+      **{k: m.get(k) for k in base_task_metrics(c)},
       "psnr_from_base": m.get("psnr_from_base"),
       enh_metric: m.get(enh_metric),
       "loss": m.get("loss"),
@@ -88,7 +95,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                            frozen=base_vars)
       enh_vars, em = train.run_stage(exp, estage, writer_factory)
       records.append(record(c, "enhancement", method, alpha, beta,
-                            {**em, "depth_rmse": bm["depth_rmse"],
+                            {**em, **{k: bm[k] for k in base_task_metrics(c)},
                              "psnr_from_base": bm["psnr_from_base"],
                              "bpp_actual_base": bm.get("bpp_actual_base")}))
       previews.append((alpha, method, bstage, base_vars, estage, enh_vars))
