@@ -49,7 +49,8 @@ def detection_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.height, c.data.width = 800, 1344  # the landscape canvas
   c.data.max_boxes = 100
   c.data.min_annotated_area = 1000.0
-  c.data.eval_images = 5000  # the filtered val2017 (fewer pass the filter)
+  if arg not in ("synthetic", "smoke"):
+    c.data.eval_images = 5000  # the filtered val2017 (fewer pass the filter)
   c.data.color_jitter = 0.0  # the authors' detection training: flips only
 
   c.init.detection_head = ""
