@@ -234,6 +234,8 @@ class Enhancement(nn.Module):
   normalize_input: bool = False
 
   entropy_variables = staticmethod(entropy_variables)
+  # Depth workdirs' enhancement files predate these two fields.
+  fingerprint_omits_defaults = ("half_resolution", "normalize_input")
 
   @property
   def multiple(self) -> int:
