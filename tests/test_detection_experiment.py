@@ -176,3 +176,50 @@ def test_compress_decompress_with_a_detection_workdir(smoke_run, tmp_path):
     assert (listing["height"], listing["width"]) == (64, 128)
     scores = np.asarray(base_out["detections"]["scores"])[0]
     assert len(listing["detections"]) == int((scores > 0).sum())
+
+
+@pytest.mark.parametrize("variant", ["", "authors", "synthetic", "smoke"])
+def test_every_variant_validates(variant, configs):
+  from tcr_jax import configs_lib
+  c = configs.load("detection_recon", variant)
+  configs_lib.validate(c)
+  assert c.task.base == "detection" and c.train.base_select == "map"
+  assert c.data.height % 32 == 0 and c.data.width % 32 == 0
+  if variant in ("", "authors"):
+    assert (c.data.name, c.data.min_size, c.data.max_size) == ("coco", 800, 1333)
+    assert c.train.batch_size == 4 and c.train.base_grad_clip == 1.0
+    assert c.train.base_patience == 3 and c.data.color_jitter == 0
+    assert c.sweep.beta == (0.1 if variant else 0.01)
+    assert c.entropy_model == ("context" if variant else "hyperprior")
+
+
+def test_bad_detection_fields_are_one_line_errors(configs):
+  from tcr_jax import configs_lib
+  from tcr_jax.errors import UserError
+  for key, value, words in (("task.crowd_eval", "keep", "crowd_eval"),
+                            ("train.base_select", "depth_rmse", "base_select"),
+                            ("task.trainable_backbone_layers", 7, "0..5")):
+    c = configs.smoke("detection_recon", **{key: value})
+    with pytest.raises(UserError, match=words):
+      configs_lib.validate(c)
+
+
+def test_detection_head_checkpoint_goes_into_the_base(tmp_path, configs):
+  """config.init.detection_head: an import-torchvision checkpoint of
+  fasterrcnn_resnet50_fpn_v2 replaces the base's detector variables."""
+  from tcr_jax import train
+  from tcr_jax.tasks import FasterRCNN, checkpoint_io
+  from tcr_jax.tasks import torchvision_import as ti
+  base = models.base_model(configs.smoke("detection_recon"))
+  shapes = jax.eval_shape(base.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+  variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  head = jax.tree.map(lambda s: np.full(s.shape, 0.5, s.dtype),
+                      ti.abstract_variables(FasterRCNN()))
+  checkpoint_io.write_checkpoint(str(tmp_path / "h"), head, {
+      "arch": "fasterrcnn_resnet50_fpn_v2", "num_classes": 91, "aux_loss": False})
+  loaded = train._load_into(variables, ("head",), str(tmp_path / "h"),
+                            "fasterrcnn_resnet50_fpn_v2")
+  assert all(np.all(np.asarray(x) == 0.5)
+             for x in jax.tree.leaves(loaded["params"]["head"]))
+  assert all(np.all(np.asarray(x) == 0)
+             for x in jax.tree.leaves(loaded["params"]["g_a"]))
