@@ -134,7 +134,7 @@ class Evaluator:
                "depth_count": jnp.sum(batch["valid"], axis=(1, 2)).astype(jnp.float32),
                "psnr": objectives.psnr(x, out["x_rec"]),
                "rec_rmse255": objectives.rmse_255_per_image(x, out["x_rec"])},
-              {"disparity": out["disparity"], "x_rec": out["x_rec"]})
+              {"disparity": out["disparity"], "x_rec": out["x_rec"], "image": x})
     y_b, lik_b = self.base.apply(frozen, x, method="encode")
     out = self.enh.apply(variables, x, y_b * hp["side_gate"], train=False)
     pixels = objectives.rate_pixels(x.shape[1], x.shape[2],
@@ -144,7 +144,7 @@ class Evaluator:
     if c.task.enhancement == "reconstruction":
       q["psnr"] = objectives.psnr(out["target"], out["x_hat"])
       q["rmse255"] = objectives.rmse_255_per_image(out["target"], out["x_hat"])
-      return q, {"x_hat": out["x_hat"]}
+      return q, {"x_hat": out["x_hat"], "image": x}
     labels = jnp.where(batch["weight"][:, None, None] > 0, batch["labels"],
                        c.task.ignore_index)
     pred = jnp.argmax(out["logits"]["out"], axis=-1)
@@ -154,7 +154,7 @@ class Evaluator:
         out, {"labels": labels}, "segmentation", c.task.num_classes,
         c.task.ignore_index, c.task.aux_weight)
     q["seg_loss"] = jnp.broadcast_to(loss, x.shape[:1])
-    return q, {"segmentation": pred}
+    return q, {"segmentation": pred, "image": x}
 
   # Hooks for experiments whose metrics need more than the pooled
   # collections (the detection evaluator, tcr_jax/detection.py).
@@ -187,7 +187,8 @@ class Evaluator:
   def evaluate(self, stage, variables: PyTree, count: int,
                keep_outputs: int = 0) -> tuple[dict[str, float], dict]:
     """Metrics of `variables` on the first `count` validation images, and
-    the outputs of the first `keep_outputs` of them (previews)."""
+    the outputs of the first `keep_outputs` of them (previews). A collective:
+    every process calls it, each reading its share of the images."""
     fn = self.eval_fn(stage.kind)
     hp = {k: jnp.float32(v) for k, v in stage.hp.items()}
     total = None
@@ -201,20 +202,32 @@ class Evaluator:
       if collector is not None:
         collector.add(batch, outputs)
       if keep_outputs and sum(map(len, kept.get("image", []))) < keep_outputs:
-        for k, v in dict(outputs, image=batch["image"]).items():
-          kept.setdefault(k, []).append(np.asarray(jax.device_get(v)))
+        for k, v in outputs.items():  # replicated: every process holds them
+          kept.setdefault(k, []).append(np.asarray(v))
     kept = {k: np.concatenate(v)[:keep_outputs] for k, v in kept.items()}
     return self.summarise(stage, total.compute(), collector), kept
 
   def actual_rates(self, stage, variables: PyTree) -> dict:
     """Real file sizes: the first eval.actual_bits_images validation images
     compressed with the range coder, in bits per full-resolution pixel; the
-    base stream counts the container header."""
-    from tcr_jax.codec import bitstream, files
+    base stream counts the container header. Process 0 codes (on its own
+    devices, from host copies of the replicated variables) and every
+    process receives the figures."""
+    from jax.experimental import multihost_utils
     n = min(self.config.eval.actual_bits_images,
             self.config.data.eval_images, len(self.loader.val_data))
-    if n <= 0 or jax.process_index() != 0:
+    if n <= 0:
       return {}
+    bpp = self._actual_bpp(stage, variables, n) if jax.process_index() == 0 else 0.0
+    if jax.process_count() > 1:
+      bpp = float(multihost_utils.broadcast_one_to_all(np.float64(bpp)))
+    key = "bpp_actual_base" if stage.kind == "base" else "bpp_actual_enhancement"
+    return {key: bpp, "actual_images": n}
+
+  def _actual_bpp(self, stage, variables: PyTree, n: int) -> float:
+    from tcr_jax.codec import bitstream, files
+    host = lambda tree: jax.tree.map(np.asarray, tree)
+    variables, frozen = host(variables), host(stage.frozen)
     images = self.loader.val_data.batch(range(n))["image"]
     pixels = objectives.rate_pixels(
         images.shape[1], images.shape[2],
@@ -224,9 +237,8 @@ class Evaluator:
       if stage.kind == "base":
         total += 8 * len(files.compress_layers(self.base, variables, img))
         continue
-      _, base_info = files.encode_layer(self.base, stage.frozen, img)
+      _, base_info = files.encode_layer(self.base, frozen, img)
       side = base_info["y_hat"] if stage.hp["side_gate"] > 0 else None
       streams, _ = files.encode_layer(self.enh, variables, img, side=side)
       total += 8 * len(bitstream.join_streams(streams))
-    key = "bpp_actual_base" if stage.kind == "base" else "bpp_actual_enhancement"
-    return {key: total / n / pixels, "actual_images": n}
+    return total / n / pixels

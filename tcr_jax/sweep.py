@@ -64,6 +64,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   from tcr_jax import configs_lib
   configs_lib.validate(c)
   os.makedirs(workdir, exist_ok=True)
+  same_on_every_process(config, workdir)
   exp = train.Experiment(config, workdir)
   # What `tcr-jax compress/decompress --workdir` rebuild the models from.
   checkpoints.write_json(os.path.join(workdir, "config.json"),
@@ -111,8 +112,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       records.append(record(c, "enhancement", "standalone", alpha, None, sm))
 
   checkpoints.write_json(os.path.join(workdir, "results.json"), records)
+  _write_previews(exp, previews)
+  reads = exp.loader.reads
+  print(f"[process {jax.process_index()} of {jax.process_count()}] read "
+        f"{reads['train']} training and {reads['validation']} validation "
+        "samples", flush=True)
   if jax.process_index() == 0:
-    _write_previews(exp, previews)
     from tcr_jax import rd
     print(rd.write_report(records, workdir, c.experiment,
                           c.task.enhancement_rate_pixels), flush=True)
@@ -120,11 +125,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
 
 
 def _write_previews(exp: train.Experiment, previews) -> None:
+  """Every process evaluates (a collective); process 0 draws."""
   from tcr_jax import rd
   n = exp.config.eval.previews
   for alpha, method, bstage, bvars, estage, evars in previews:
     path = os.path.join(exp.workdir, "previews", f"alpha{alpha:g}_{method}.png")
-    if not os.path.exists(path):
-      _, base_out = exp.evaluator.evaluate(bstage, bvars, n, keep_outputs=n)
-      _, enh_out = exp.evaluator.evaluate(estage, evars, n, keep_outputs=n)
+    _, base_out = exp.evaluator.evaluate(bstage, bvars, n, keep_outputs=n)
+    _, enh_out = exp.evaluator.evaluate(estage, evars, n, keep_outputs=n)
+    if jax.process_index() == 0:
       rd.save_preview(path, base_out, enh_out, exp.config.task.enhancement)
+
+
+def same_on_every_process(config, workdir: str) -> None:
+  """A UserError on every process, before any training, when the processes
+  were not started with the same config and workdir."""
+  if jax.process_count() == 1:
+    return
+  import hashlib
+  import numpy as np
+  from jax.experimental import multihost_utils
+  from tcr_jax.errors import UserError
+  text = json.dumps(json.loads(config.to_json()), sort_keys=True) + os.path.abspath(workdir)
+  mine = np.frombuffer(hashlib.sha256(text.encode()).digest()[:16], np.int32)
+  ours = multihost_utils.process_allgather(mine)  # (processes, 4)
+  differ = [i for i in range(len(ours)) if not np.array_equal(ours[i], ours[0])]
+  if differ:
+    raise UserError(f"process(es) {', '.join(map(str, differ))} run another "
+                    "config or workdir than process 0; start every process "
+                    "with the same command")

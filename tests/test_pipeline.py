@@ -107,7 +107,7 @@ def test_loader_batches_are_deterministic_and_resumable(data_dir):
   raw = pipeline.TfdsBatches(config, "train").batch(idx)
   for got, want in zip(first[2]["labels"], raw["labels"]):
     assert (np.array_equal(got, want) or np.array_equal(got, want[:, ::-1]))
-  assert loader.reads == 3 * 4 + 4
+  assert loader.reads == {"train": 3 * 4 + 4, "validation": 0}
 
 
 def test_process_shares_are_disjoint_and_augmented_alike(data_dir, monkeypatch):
@@ -121,7 +121,7 @@ def test_process_shares_are_disjoint_and_augmented_alike(data_dir, monkeypatch):
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     loader = Loader(config)
     shards.append(loader.host_train_batch("s", 1))
-    assert loader.reads == (3, 2)[p]
+    assert loader.reads["train"] == (3, 2)[p]
   assert [s["image"].shape[0] for s in shards] == [3, 2]
   for k in whole:
     np.testing.assert_array_equal(np.concatenate([s[k] for s in shards]), whole[k])

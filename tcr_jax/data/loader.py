@@ -11,7 +11,7 @@
 
 Each process reads only its share of every batch (sampler.process_share) and
 the shares are assembled into arrays sharded along the mesh's "data" axis.
-`reads` counts the samples this process has loaded.
+`reads` counts the samples this process has loaded, per split.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class Loader:
     self.train_data = make_dataset(config, "train")  # data errors first
     self.val_data = make_dataset(config, "validation")
     self.sharding = None if mesh is None else NamedSharding(mesh, P("data"))
-    self.reads = 0
+    self.reads = {"train": 0, "validation": 0}
 
   def _share(self, indices) -> np.ndarray:
     return sampler.process_share(indices, jax.process_index(),
@@ -40,9 +40,10 @@ class Loader:
     rows = self._share(np.arange(size))
     return (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
 
-  def _read(self, dataset, indices) -> dict[str, np.ndarray]:
+  def _read(self, split: str, indices) -> dict[str, np.ndarray]:
     indices = self._share(indices)
-    self.reads += len(indices)
+    self.reads[split] += len(indices)
+    dataset = self.train_data if split == "train" else self.val_data
     return dataset.batch(indices)
 
   def to_global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -63,7 +64,7 @@ class Loader:
     else:  # canvases a batch must not mix (COCO's orientations)
       indices = sampler.grouped_indices(step, b, groups,
                                         sampler.stage_seed(c.seed, "data"))
-    batch = self._read(self.train_data, indices)
+    batch = self._read("train", indices)
     rng = np.random.default_rng([sampler.stage_seed(c.seed, stage), step, 0])
     return augment.augment_batch(batch, rng, c.data.hflip, c.data.color_jitter,
                                  rows=self._rows(b), global_size=b)
@@ -76,7 +77,7 @@ class Loader:
       return
     for start in range(0, count, b):
       idx = np.arange(start, start + b)
-      batch = self._read(self.val_data, np.minimum(idx, count - 1))
+      batch = self._read("validation", np.minimum(idx, count - 1))
       batch["weight"] = self._share((idx < count).astype(np.float32))
       yield self.to_global(batch)
 
@@ -87,7 +88,7 @@ class Loader:
       members = np.flatnonzero(groups[:count] == g)
       for start in range(0, len(members), b):
         pos = np.arange(start, start + b)
-        batch = self._read(self.val_data,
+        batch = self._read("validation",
                            members[np.minimum(pos, len(members) - 1)])
         batch["weight"] = self._share((pos < len(members)).astype(np.float32))
         yield self.to_global(batch)
