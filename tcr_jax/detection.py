@@ -158,7 +158,7 @@ class DetectionEvaluator(evaluate.Evaluator):
            "rec_rmse255": objectives.normalized_rmse_255_per_image(
                x, out["x_rec"], sizes)}
       # Flat (the previews keep them): detections and the ground truth.
-      kept = {"x_rec": out["x_rec"], "image_size": sizes,
+      kept = {"x_rec": out["x_rec"], "image": x, "image_size": sizes,
               **{f"det_{k}": v for k, v in out["detections"].items()},
               **{f"gt_{k}": batch[k] for k in ("boxes", "labels", "box_mask")}}
       return q, kept
@@ -170,7 +170,7 @@ class DetectionEvaluator(evaluate.Evaluator):
          "psnr": objectives.masked_psnr(x, out["x_hat"], sizes),
          "rmse255": objectives.normalized_rmse_255_per_image(
              x, out["x_hat"], sizes)}
-    return q, {"x_hat": out["x_hat"]}
+    return q, {"x_hat": out["x_hat"], "image": x}
 
   def host_collector(self, stage):
     if stage.kind != "base":
