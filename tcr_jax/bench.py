@@ -1,7 +1,9 @@
 """Benchmarks: python -m tcr_jax.bench train-step | codec | detection [options].
 
 train-step times one jitted training step (forward, backward, Adam) of the
-paper's depth base model: half-resolution codec (g_a, entropy model, g_s),
+base model of --config (configs/detection_recon.py: the detection base,
+codec + Faster R-CNN, on random images with 8 random boxes each); for the
+depth configs the paper's depth base model: half-resolution codec (g_a, entropy model, g_s),
 LRASPP MobileNetV3-L depth head and the reconstruction decoder, the same
 sub-model as the PyTorch reference benchmark of the authors' code. It prints one JSON line:
 images_per_s, step_ms, peak_gib, batch, height, width, backend.
@@ -37,9 +39,23 @@ def train_step(config_spec: str, batch: int, height: int, width: int,
       config.model.compute_dtype = dtype
   model = models.base_model(config)
   x = jax.random.uniform(jax.random.key(0), (batch, height, width, 3))
-  disparity = jax.random.uniform(jax.random.key(1), (batch, height, width)) * 100
-  valid = jax.random.uniform(jax.random.key(2), (batch, height, width)) > 0.2
-  variables = jax.jit(model.init)(jax.random.key(3, impl="rbg"), x[:1])
+  detection = config.task.get("base", "depth") == "detection"
+  if detection:  # the detection base (configs/detection_recon.py)
+    from tcr_jax import detection as det
+    from tcr_jax.bench_detection import _synthetic
+    _, boxes, labels = _synthetic(batch, height, width)
+    data = {"image": x, "image_size": jnp.tile(jnp.array([[height, width]],
+                                                         jnp.int32), (batch, 1)),
+            "boxes": jnp.asarray(boxes), "labels": jnp.asarray(labels),
+            "box_mask": jnp.ones(labels.shape, bool)}
+    loss_fn = det.base_loss_fn
+  else:
+    disparity = jax.random.uniform(jax.random.key(1), (batch, height, width)) * 100
+    valid = jax.random.uniform(jax.random.key(2), (batch, height, width)) > 0.2
+    data = {"image": x, "disparity": disparity, "valid": valid}
+    loss_fn = train.base_loss_fn
+  variables = jax.jit(model.init)(jax.random.key(3, impl="rbg"),
+                                  x[:1, :64, :64] if detection else x[:1])
   tx = train.optimizer(config, "base")
   state = train.TrainState(
       step=jnp.int32(0), apply_fn=model.apply, params=variables["params"],
@@ -47,9 +63,8 @@ def train_step(config_spec: str, batch: int, height: int, width: int,
       batch_stats=variables["batch_stats"], rng=jax.random.PRNGKey(0))
   hp = {"alpha": jnp.float32(1e-3), "beta": jnp.float32(0.01)}
   step = jax.jit(functools.partial(
-      train.train_step, loss_fn=functools.partial(train.base_loss_fn, model)),
+      train.train_step, loss_fn=functools.partial(loss_fn, model)),
       donate_argnums=0)
-  data = {"image": x, "disparity": disparity, "valid": valid}
   t_compile = time.perf_counter()
   for _ in range(warmup):
     state, metrics = step(state, data, hp, None)
@@ -73,12 +88,13 @@ def train_step(config_spec: str, batch: int, height: int, width: int,
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m tcr_jax.bench")
   sub = p.add_subparsers(dest="what", required=True)
-  s = sub.add_parser("train-step", help="time the depth base model's train step")
+  s = sub.add_parser("train-step", help="time a base model's train step (depth or detection)")
   s.add_argument("--config", default="configs/depth_recon.py")
   s.add_argument("--batch", type=int, default=10)
   s.add_argument("--height", type=int, default=1024)
   s.add_argument("--width", type=int, default=2048)
   s.add_argument("--steps", type=int, default=20)
+  s.add_argument("--warmup", type=int, default=3)
   s.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
   s = sub.add_parser("codec", help="time compress/decompress per entropy model")
   s.add_argument("--height", type=int, default=1024)
@@ -92,7 +108,7 @@ def main(argv=None) -> int:
   try:
     if a.what == "train-step":
       print(json.dumps(train_step(a.config, a.batch, a.height, a.width,
-                                  a.steps, dtype=a.dtype)), flush=True)
+                                  a.steps, a.warmup, dtype=a.dtype)), flush=True)
     elif a.what == "detection":
       for row in bench_detection.run(a):
         print(json.dumps(row), flush=True)

@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="build the tfds Cityscapes / COCO 2017 datasets")
   s.add_argument("--dataset", required=True, choices=["cityscapes", "coco"])
   s.add_argument("--manual-dir", default=None,
-                 help="downloaded archives (Cityscapes: the three trainvaltest zips)")
+                 help="downloaded archives (Cityscapes: the three trainvaltest "
+                      "zips; COCO: train2017.zip, val2017.zip, "
+                      "annotations_trainval2017.zip)")
   s.add_argument("--data-dir", required=True,
                  help="tfds data dir; point config.data.data_dir to it")
   s.set_defaults(func=_prepare_data)

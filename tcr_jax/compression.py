@@ -3,6 +3,10 @@
   tcr-jax compress   --workdir W --input IMAGE --output FILE.tcr [--checkpoint NAME]
   tcr-jax decompress --workdir W --input FILE.tcr --output-dir DIR [--layers base|all]
 
+A detection workdir (configs/detection_recon.py) codes the image resized as
+the detector's input and decodes to detections.json (boxes in that
+image's pixels) and reconstruction.png.
+
 NAME is a stage of W (default: the proposal at the middle alpha):
 "enhancement_<method>_alpha<a>" codes the base and the enhancement layer,
 "base_<method>_alpha<a>" the base alone. The file holds the base stream
@@ -177,15 +181,58 @@ def compress_file(workdir: str, input_path: str, output: str,
   from tcr_jax.codec import files
   _config(workdir), _pick(workdir, checkpoint)  # cheap checks first
   rgb = read_image(input_path)
-  _, base, enh, stages = load_models(workdir, checkpoint)
+  config, base, enh, stages = load_models(workdir, checkpoint)
+  coded = None
+  if _detection(config):  # the detector's resolution (torchvision's rule)
+    rgb = detection_input(config, rgb)
+    coded = list(rgb.shape[:2])
   data = files.compress_layers(base[0], base[1], rgb,
                                *(enh if enh is not None else (None, None)))
   fp = files.model_fingerprint(*base)
   summary = {"bytes": len(data), "bits": _stream_bits(data, fp),
              "estimated_bits": _estimated_bits(base, enh, rgb),
              "model": "+".join(s for s in stages if s)}
+  if coded is not None:
+    summary["coded_size"] = coded
   _atomic_write(output, data)
   return summary
+
+
+def _detection(config) -> bool:
+  return config.task.get("base", "depth") == "detection"
+
+
+def detection_input(config, rgb: np.ndarray) -> np.ndarray:
+  """The image a detection workdir codes: resized as the detector's input
+  (torchvision's min_size / max_size rule of config.data, bilinear), in
+  8-bit RGB. Detections are reported in its pixels."""
+  from PIL import Image
+  from tcr_jax.data.detection import resized_size
+  h, w = resized_size(rgb.shape[0], rgb.shape[1], config.data.min_size,
+                      config.data.max_size)
+  if (h, w) == rgb.shape[:2]:
+    return rgb
+  return np.asarray(Image.fromarray(rgb).resize((w, h),
+                                                Image.Resampling.BILINEAR))
+
+
+def _detection_files(out: dict) -> dict[str, bytes]:
+  """detections.json (boxes x1 y1 x2 y2 in the coded image's pixels, COCO
+  category ids, scores) and reconstruction.png (the enhancement's when
+  decoded, else the one read off the base), at the coded size."""
+  dets = {k: np.asarray(v)[0] for k, v in out["detections"].items()}
+  found = dets["scores"] > 0
+  listing = [{"box": [round(float(c), 2) for c in box], "label": int(label),
+              "score": round(float(score), 5)}
+             for box, label, score in zip(dets["boxes"][found],
+                                          dets["labels"][found],
+                                          dets["scores"][found])]
+  image = np.asarray(out.get("x_hat", out["x_rec"]))[0]
+  return {"detections.json": json.dumps(
+              {"height": out["height"], "width": out["width"],
+               "detections": listing}, indent=1).encode(),
+          "reconstruction.png": _png_bytes(
+              (np.clip(image, 0, 1) * 255).round().astype(np.uint8))}
 
 
 def _png_bytes(array: np.ndarray) -> bytes:
@@ -198,7 +245,6 @@ def _png_bytes(array: np.ndarray) -> bytes:
 
 def decompress_file(workdir: str, input_path: str, output_dir: str,
                     layers: str = "all", checkpoint: str | None = None) -> dict:
-  from PIL import Image
   from tcr_jax.codec import files
   if layers not in ("base", "all"):
     raise UserError(f"--layers must be base or all, not {layers!r}")
@@ -206,10 +252,26 @@ def decompress_file(workdir: str, input_path: str, output_dir: str,
     raise UserError(f"{input_path}: no such file")
   with open(input_path, "rb") as f:
     data = f.read()
-  _, base, enh, _ = load_models(workdir, checkpoint)
+  config, base, enh, _ = load_models(workdir, checkpoint)
   use_enh = enh if (layers == "all" and enh is not None) else (None, None)
   out = files.decompress_layers(base[0], base[1], data, *use_enh)
   h, w = out["height"], out["width"]
+  if _detection(config):
+    pngs = _detection_files(out)
+  else:
+    pngs = _depth_files(out, h, w)
+  fp = files.model_fingerprint(*base)
+  summary = {"bytes": len(data), "bits": _stream_bits(data, fp),
+             "layers": "all" if "y_enhancement" in out else "base",
+             "files": sorted(pngs)}
+  os.makedirs(output_dir, exist_ok=True)
+  for name, payload in pngs.items():
+    _atomic_write(os.path.join(output_dir, name), payload)
+  return summary
+
+
+def _depth_files(out: dict, h: int, w: int) -> dict[str, bytes]:
+  from PIL import Image
   pngs = {}
   disparity = np.asarray(out["disparity"])[0]
   # Cityscapes' encoding: p = 256 * disparity + 1 (0 = invalid), 16-bit.
@@ -226,11 +288,4 @@ def decompress_file(workdir: str, input_path: str, output_dir: str,
   if "logits" in out:
     labels = np.asarray(out["logits"]["out"])[0].argmax(-1).astype(np.uint8)
     pngs["segmentation.png"] = _png_bytes(labels)
-  fp = files.model_fingerprint(*base)
-  summary = {"bytes": len(data), "bits": _stream_bits(data, fp),
-             "layers": "all" if "y_enhancement" in out else "base",
-             "files": sorted(pngs)}
-  os.makedirs(output_dir, exist_ok=True)
-  for name, payload in pngs.items():
-    _atomic_write(os.path.join(output_dir, name), payload)
-  return summary
+  return pngs

@@ -58,6 +58,8 @@ def experiment_config(experiment: str, enhancement_task: str,
   c.enhancement_context = "serial"   # serial (authors) | none | checkerboard
 
   c.task = ml_collections.ConfigDict()
+  # The base task: "depth" here; "detection" in configs_detection.py.
+  c.task.base = "depth"
   c.task.enhancement = enhancement_task  # reconstruction | segmentation
   c.task.num_classes = 20    # 19 Cityscapes train ids + 1 ignore class
   c.task.ignore_index = 19
@@ -225,6 +227,7 @@ def experiment_config(experiment: str, enhancement_task: str,
 
 
 _SELECT = {"base": ("loss", "bpp_base", "depth_rmse", "psnr_from_base"),
+           "detection": ("loss", "bpp_base", "map", "map50", "psnr_from_base"),
            "reconstruction": ("loss", "bpp_enhancement", "psnr"),
            "segmentation": ("loss", "bpp_enhancement", "miou")}
 
@@ -232,14 +235,17 @@ _SELECT = {"base": ("loss", "bpp_base", "depth_rmse", "psnr_from_base"),
 def validate(c: ml_collections.ConfigDict) -> None:
   """One-line UserErrors for values the code would only trip over later."""
   from tcr_jax.errors import UserError
+  base = c.task.get("base", "depth")
   checks = [
+      ("task.base", base, ("depth", "detection"), False),
       ("sweep.methods", c.sweep.methods, ("baseline", "proposal"), True),
       ("sweep.standalone_mode", c.sweep.standalone_mode, ("scratch", "refit"), False),
       ("task.enhancement", c.task.enhancement, ("reconstruction", "segmentation"), False),
       ("task.enhancement_rate_pixels", c.task.enhancement_rate_pixels, ("full", "half"), False),
       ("model.likelihood_bound", c.model.likelihood_bound, ("clamp", "lower_bound"), False),
       ("train.lr_schedule", c.train.lr_schedule, ("constant", "cosine"), False),
-      ("train.base_select", c.train.base_select, _SELECT["base"], False),
+      ("train.base_select", c.train.base_select,
+       _SELECT["detection" if base == "detection" else "base"], False),
       ("train.enhancement_select", c.train.enhancement_select,
        _SELECT.get(c.task.enhancement, ()), False),
   ]
@@ -255,7 +261,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for name in ("base_warm_steps", "enhancement_warm_steps"):
       if c.train[name] < 1:
         raise UserError(f"config.sweep.warm_start needs config.train.{name} >= 1")
-  if not 0.0 < c.task.depth_bn_momentum <= 1.0:
+  if base == "detection":
+    from tcr_jax import detection
+    detection.check_config(c)
+  elif not 0.0 < c.task.depth_bn_momentum <= 1.0:
     raise UserError("config.task.depth_bn_momentum must be in (0, 1] (torch "
                     "convention: the weight of each new batch; torchvision's 0.01)")
 

@@ -157,9 +157,24 @@ class Evaluator:
     q["seg_loss"] = jnp.broadcast_to(loss, x.shape[:1])
     return q, {"segmentation": pred, "image": x}
 
+  # Hooks for experiments whose metrics need more than the pooled
+  # collections (the detection evaluator, tcr_jax/detection.py).
+  def metric_collection(self, kind: str):
+    return metric_collection(kind, self.config.task.enhancement)
+
+  def host_collector(self, stage):
+    """An object whose add(batch, outputs) sees every validation batch on
+    the host, or None."""
+    del stage
+    return None
+
+  def summarise(self, stage, values: dict, collector) -> dict[str, float]:
+    del collector
+    return summarise(stage.kind, values, stage.hp, self.config.task.ignore_index)
+
   def eval_fn(self, kind: str) -> Callable:
     if kind not in self._compiled:
-      collection = metric_collection(kind, self.config.task.enhancement)
+      collection = self.metric_collection(kind)
 
       def step(variables, batch, hp, frozen):
         q, kept = self._outputs(kind, variables, batch, hp, frozen)
@@ -179,17 +194,19 @@ class Evaluator:
     hp = {k: jnp.float32(v) for k, v in stage.hp.items()}
     total = None
     kept: dict[str, list] = {}
+    collector = self.host_collector(stage)
     for batch in self.loader.val_batches(count):
       update, outputs = fn(variables, batch, hp, stage.frozen)
       update = jax.tree.map(lambda a: np.asarray(jax.device_get(a), np.float64),
                             update)
       total = update if total is None else total.merge(update)
+      if collector is not None:
+        collector.add(batch, outputs)
       if keep_outputs and sum(map(len, kept.get("image", []))) < keep_outputs:
         for k, v in outputs.items():  # replicated: every process holds them
           kept.setdefault(k, []).append(np.asarray(v))
     kept = {k: np.concatenate(v)[:keep_outputs] for k, v in kept.items()}
-    return (summarise(stage.kind, total.compute(), stage.hp,
-                      self.config.task.ignore_index), kept)
+    return self.summarise(stage, total.compute(), collector), kept
 
   def actual_rates(self, stage, variables: PyTree) -> dict:
     """Real file sizes: the first eval.actual_bits_images validation images

@@ -5,6 +5,8 @@
                reconstruction decoder whose error is the paper's reward
   Enhancement  the enhancement layer: Y_e coded given Y_b, for
                reconstruction or segmentation (DeepLabV3-ResNet-50)
+  DetectionBase  (tcr_jax/models_detection.py) the detection base layer:
+               Y_b for Faster R-CNN, plus the reconstruction decoder
 
 Every model offers the same methods, which the trainer, the evaluation and
 the coder (tcr_jax.codec.files) all call instead of re-implementing them:
@@ -216,6 +218,13 @@ class Enhancement(nn.Module):
     - segmentation: g_s (task_blocks) -> DeepLabV3-R50 (+ aux) -> logits,
       bilinearly resized to (H, W).
   side=None gives the standalone enhancement (side information zeroed).
+
+  half_resolution=False (the detection experiment, as the authors): the
+  layer codes and reconstructs the image at its own (detection) resolution,
+  padded to a multiple of 32 so that Y_e has Y_b's size; normalize_input
+  codes the detector's input instead of the pixels (models_detection.
+  normalize_canvas: ImageNet-normalised, zero outside image_sizes) and
+  returns its reconstruction de-normalised, in pixel space.
   """
   task_name: str = "reconstruction"
   latent_channels: int = 192
@@ -230,8 +239,17 @@ class Enhancement(nn.Module):
   num_classes: int = 20
   ignore_index: int = 19
   compute_dtype: str = "float32"
+  half_resolution: bool = True
+  normalize_input: bool = False
 
   entropy_variables = staticmethod(entropy_variables)
+  # Depth workdirs' enhancement files predate these two fields.
+  fingerprint_omits_defaults = ("half_resolution", "normalize_input")
+
+  @property
+  def multiple(self) -> int:
+    """Of the coded image: the half-resolution one, or the input itself."""
+    return 16 if self.half_resolution else 32
 
   @property
   def multiple(self) -> int:
@@ -259,28 +277,40 @@ class Enhancement(nn.Module):
       from tcr_jax.tasks import DeepLabV3ResNet50
       self.head = DeepLabV3ResNet50(num_classes=self.num_classes)
 
-  @staticmethod
-  def target(x: jax.Array) -> jax.Array:
+  def target(self, x: jax.Array) -> jax.Array:
     """The image the reconstruction enhancement reproduces."""
-    return ops.downsample_2x(x)
+    return ops.downsample_2x(x) if self.half_resolution else x
 
   def latent_shape(self, height: int, width: int) -> tuple[int, int, int, int]:
-    h, w = _ceil_div(height, 2), _ceil_div(width, 2)
-    return (1, _ceil_div(h, self.multiple), _ceil_div(w, self.multiple),
+    if self.half_resolution:
+      height, width = _ceil_div(height, 2), _ceil_div(width, 2)
+    m, per = self.multiple, self.multiple // 16
+    return (1, _ceil_div(height, m) * per, _ceil_div(width, m) * per,
             self.latent_channels)
 
-  def analysis(self, x: jax.Array) -> jax.Array:
-    padded, _ = ops.pad_to_multiple(self.target(x), self.multiple)
+  def analysis(self, x: jax.Array, image_sizes: jax.Array | None = None
+               ) -> jax.Array:
+    if self.normalize_input:
+      from tcr_jax.models_detection import normalize_canvas
+      padded, _ = normalize_canvas(self.target(x), image_sizes, self.multiple)
+    else:
+      padded, _ = ops.pad_to_multiple(self.target(x), self.multiple)
     return self.g_a(padded).astype(jnp.float32)
 
-  def encode(self, x: jax.Array, side: jax.Array | None, train: bool = False):
-    return self.em(self.analysis(x), side, train=train)
+  def encode(self, x: jax.Array, side: jax.Array | None, train: bool = False,
+             image_sizes: jax.Array | None = None):
+    return self.em(self.analysis(x, image_sizes), side, train=train)
 
   def outputs(self, y_hat: jax.Array, size: tuple[int, int],
               train: bool = False) -> dict[str, Any]:
-    """{"x_hat"} at half of `size`, or {"logits": {"out", "aux"}} at `size`."""
-    half = (_ceil_div(size[0], 2), _ceil_div(size[1], 2))
+    """{"x_hat"} at half of `size` (at `size` without half_resolution), or
+    {"logits": {"out", "aux"}} at `size`."""
+    half = ((_ceil_div(size[0], 2), _ceil_div(size[1], 2))
+            if self.half_resolution else tuple(size))
     out = ops.crop(self.g_s(y_hat).astype(jnp.float32), half)
+    if self.normalize_input:
+      from tcr_jax.models_detection import denormalize
+      out = denormalize(out)
     if self.task_name == "reconstruction":
       return {"x_hat": out}
     from tcr_jax.tasks.layers import resize_bilinear
@@ -288,8 +318,9 @@ class Enhancement(nn.Module):
     return {"logits": {k: resize_bilinear(v, size) for k, v in logits.items()}}
 
   def __call__(self, x: jax.Array, side: jax.Array | None,
-               train: bool = False) -> dict[str, Any]:
-    y_hat, likelihoods = self.encode(x, side, train)
+               train: bool = False, image_sizes: jax.Array | None = None
+               ) -> dict[str, Any]:
+    y_hat, likelihoods = self.encode(x, side, train, image_sizes)
     out = self.outputs(y_hat, x.shape[1:3], train)
     if self.task_name == "reconstruction":
       out["target"] = self.target(x)
@@ -300,7 +331,12 @@ class Enhancement(nn.Module):
 # The layers of an experiment config.
 
 
-def base_model(config) -> DepthBase:
+def base_model(config):
+  """The base layer of config.task.base: DepthBase, or DetectionBase
+  (tcr_jax/models_detection.py)."""
+  if config.task.get("base", "depth") == "detection":
+    from tcr_jax.models_detection import detection_base_model
+    return detection_base_model(config)
   m = config.model
   return DepthBase(
       latent_channels=m.latent_channels, widths=tuple(m.widths),
@@ -322,4 +358,8 @@ def enhancement_model(config) -> Enhancement:
       recon_blocks=m.recon_blocks, context=config.enhancement_context,
       quantizer=m.quantizer, likelihood_bound=m.likelihood_bound,
       num_classes=config.task.num_classes,
-      ignore_index=config.task.ignore_index, compute_dtype=m.compute_dtype)
+      ignore_index=config.task.ignore_index, compute_dtype=m.compute_dtype,
+      # The detection experiment's enhancement codes what the detector
+      # reads: the full-resolution, normalised canvas (the authors').
+      **({"half_resolution": False, "normalize_input": True}
+         if config.task.get("base", "depth") == "detection" else {}))

@@ -5,8 +5,16 @@ The base layer (Y_b coded for a machine task Z_b):
     L_b = alpha * R_b + D_b + beta * 255 * RMSE(X_rec, X)
 
   R_b     bits per full-resolution pixel of Y_b (and of its hyper-latent);
-  D_b     the task's distortion: depth RMSE in disparity pixels;
+  D_b     the task's distortion: depth RMSE in disparity pixels, or the sum
+          of Faster R-CNN's four training losses (detection);
   X_rec   the reconstruction decoder's output, read off Y_b.
+
+Detection (`detection_base_terms`), as the authors: images sit on a canvas
+(tcr_jax.data.detection), so R_b is each image's bits (the latent within its
+footprint, entropy.bits_within) over its own resized pixel count, and the
+reconstruction error is 255 * RMSE in the detector's normalised space
+(ImageNet mean / std, the space the codec works in), over the image's
+pixels only.
 
 beta = 0 is the *baseline*, beta > 0 the *proposal*. In both, the decoder that
 gives X_rec trains; what beta changes is whether its error reaches the latent.
@@ -91,9 +99,22 @@ def base_terms(out: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]
   }
 
 
+# D_b of each base task, by its key in the terms.
+TASK_DISTORTIONS = ("depth_rmse", "detection_loss")
+
+
+def task_distortion(terms: Terms) -> jax.Array:
+  """D_b: the base task's term (depth RMSE or the detection losses)."""
+  found = [k for k in TASK_DISTORTIONS if k in terms]
+  if len(found) != 1:
+    raise KeyError(f"base terms need exactly one of {TASK_DISTORTIONS}, "
+                   f"got {sorted(terms)}")
+  return terms[found[0]]
+
+
 def base_loss(terms: Terms, alpha, beta) -> jax.Array:
   """L_b = alpha * R_b + D_b + beta * 255 * RMSE."""
-  return alpha * terms["bpp"] + terms["depth_rmse"] + beta * terms["rec_rmse255"]
+  return alpha * terms["bpp"] + task_distortion(terms) + beta * terms["rec_rmse255"]
 
 
 def base_training_loss(terms: Terms, alpha, beta) -> jax.Array:
@@ -101,7 +122,63 @@ def base_training_loss(terms: Terms, alpha, beta) -> jax.Array:
   baseline's decoder still trains with weight 1 (its gate keeps it off the
   latent, so this adds nothing to what shapes Y_b)."""
   weight = jnp.where(beta > 0, beta, 1.0)
-  return alpha * terms["bpp"] + terms["depth_rmse"] + weight * terms["rec_rmse255"]
+  return (alpha * terms["bpp"] + task_distortion(terms)
+          + weight * terms["rec_rmse255"])
+
+
+# --------------------------------------------------------------------------
+# The detection base's terms: per-image sizes on a canvas.
+
+
+def image_pixels(image_sizes: jax.Array) -> jax.Array:
+  """(B,) float32: h * w of each image."""
+  return jnp.prod(jnp.asarray(image_sizes, jnp.float32), axis=-1)
+
+
+def masked_mse_per_image(x: jax.Array, x_hat: jax.Array,
+                         image_sizes: jax.Array, scale=None) -> jax.Array:
+  """Mean squared error over each image's own pixels (its size on the
+  canvas) and channels, errors divided by `scale` per channel."""
+  from tcr_jax.models_detection import inside_mask
+  err = x_hat - x
+  if scale is not None:
+    err = err / jnp.asarray(scale, err.dtype)
+  inside = inside_mask(x.shape[1:3], image_sizes)
+  total = jnp.sum(jnp.where(inside, err ** 2, 0.0), axis=(1, 2, 3))
+  return total / (image_pixels(image_sizes) * x.shape[-1])
+
+
+def normalized_rmse_255_per_image(x, x_hat, image_sizes) -> jax.Array:
+  """255 * RMSE in the detector's normalised space (the authors' term)."""
+  from tcr_jax.tasks.faster_rcnn import IMAGENET_STD
+  return 255.0 * jnp.sqrt(masked_mse_per_image(x, x_hat, image_sizes,
+                                               IMAGENET_STD) + 1e-12)
+
+
+def masked_psnr(x, x_hat, image_sizes) -> jax.Array:
+  """Per-image PSNR (dB, pixel space, x_hat clipped) over the image's pixels."""
+  mse = masked_mse_per_image(x, jnp.clip(x_hat, 0, 1), image_sizes)
+  return -10.0 * jnp.log10(jnp.maximum(mse, 1e-10))
+
+
+def bpp_per_image(likelihoods, image_sizes, canvas) -> jax.Array:
+  """(B,) bits of each image's latent footprint per resized pixel."""
+  return (entropy.bits_within(likelihoods, image_sizes, canvas)
+          / image_pixels(image_sizes))
+
+
+def detection_base_terms(out: Mapping, batch: Mapping[str, jax.Array]
+                         ) -> dict[str, jax.Array]:
+  """Batch terms of L_b from DetectionBase outputs (train mode)."""
+  x, sizes = batch["image"], batch["image_size"]
+  losses = out["detection_losses"]
+  return {
+      "bpp": jnp.mean(bpp_per_image(out["likelihoods"], sizes, x.shape[1:3])),
+      "detection_loss": sum(losses.values()),
+      "rec_rmse255": jnp.mean(normalized_rmse_255_per_image(x, out["x_rec"],
+                                                            sizes)),
+      **losses,
+  }
 
 
 # --------------------------------------------------------------------------
@@ -135,6 +212,20 @@ def enhancement_terms(likelihoods_base, likelihoods_enhancement,
   return {"bpp_base": entropy.bpp(likelihoods_base, pixels),
           "bpp_enhancement": entropy.bpp(likelihoods_enhancement, pixels),
           "distortion": distortion}
+
+
+def detection_enhancement_terms(likelihoods_base, likelihoods_enhancement,
+                                x_hat: jax.Array, batch: Mapping[str, jax.Array]
+                                ) -> dict[str, jax.Array]:
+  """Batch terms of L_e on the detection base: both rates per each image's
+  resized pixels (footprints on the canvas), D_e = 255 * RMSE of the
+  reconstruction in the detector's normalised space (the authors')."""
+  x, sizes = batch["image"], batch["image_size"]
+  canvas = x.shape[1:3]
+  return {"bpp_base": jnp.mean(bpp_per_image(likelihoods_base, sizes, canvas)),
+          "bpp_enhancement": jnp.mean(bpp_per_image(likelihoods_enhancement,
+                                                    sizes, canvas)),
+          "distortion": jnp.mean(normalized_rmse_255_per_image(x, x_hat, sizes))}
 
 
 def enhancement_loss(terms: Terms, alpha, base_rate) -> jax.Array:

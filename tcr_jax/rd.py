@@ -121,7 +121,10 @@ def comparisons(records: list[dict]) -> list[dict]:
                           if r["layer"] == "enhancement") else "miou"
   enh_label = "PSNR (dB)" if enh_key == "psnr" else "mIoU"
   base_rate = lambda r: r.get("bpp_base")
+  detection = any(r.get("map") is not None for r in records)
   rows = [
+      ("base task: mAP vs base bpp", "base", base_rate, "map", True,
+       "baseline", "proposal", "rd_base_task.png") if detection else
       ("base task: depth RMSE (px) vs base bpp", "base", base_rate,
        "depth_rmse", False, "baseline", "proposal", "rd_base_task.png"),
       ("reconstruction from the base: PSNR (dB) vs base bpp", "base",
@@ -253,7 +256,10 @@ def _plots(records, comps, workdir, experiment):
 
 def save_preview(path: str, base_out: dict, enh_out: dict, task: str) -> None:
   """Rows of: input, ground-truth disparity, predicted disparity (same colour
-  scale), reconstruction read off the base, enhancement."""
+  scale), reconstruction read off the base, enhancement (detection outputs:
+  save_detection_preview)."""
+  if "det_boxes" in base_out:
+    return save_detection_preview(path, base_out, enh_out)
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -281,6 +287,51 @@ def save_preview(path: str, base_out: dict, enh_out: dict, task: str) -> None:
         ax.imshow(img, cmap="magma", vmin=0, vmax=vmax)
       else:
         ax.imshow(img)
+      ax.axis("off")
+      if i == 0:
+        ax.set_title(titles[j], fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+def _draw_boxes(ax, boxes, labels, colour, scores=None) -> None:
+  from matplotlib import patches
+  for k, (x0, y0, x1, y1) in enumerate(np.asarray(boxes, np.float64)):
+    ax.add_patch(patches.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0,
+                                   fill=False, edgecolor=colour, linewidth=0.8))
+    text = str(int(labels[k])) + ("" if scores is None else f" {scores[k]:.2f}")
+    ax.text(x0 - 0.5, y0 - 1, text, color=colour, fontsize=5, va="bottom")
+
+
+def save_detection_preview(path: str, base_out: dict, enh_out: dict,
+                           min_score: float = 0.5) -> None:
+  """Rows of: the input with its ground-truth boxes (green) and the base's
+  detections scoring >= min_score (red, COCO id and score), the
+  reconstruction read off the base with the same boxes, the enhancement's
+  reconstruction; each image cropped to its own size on the canvas."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  n = len(base_out["image"])
+  fig, axes = plt.subplots(n, 3, figsize=(10, 2.2 * n + 0.4), squeeze=False)
+  titles = ("input: ground truth (green), detections (red)",
+            "reconstruction from base", "enhancement")
+  for i in range(n):
+    h, w = (int(v) for v in base_out["image_size"][i])
+    gt = base_out["gt_box_mask"][i]
+    found = base_out["det_scores"][i] >= min_score
+    panels = (base_out["image"][i], base_out["x_rec"][i], enh_out["x_hat"][i])
+    for j, img in enumerate(panels):
+      ax = axes[i, j]
+      ax.imshow(np.clip(np.asarray(img)[:h, :w], 0, 1))
+      if j < 2:
+        _draw_boxes(ax, base_out["gt_boxes"][i][gt], base_out["gt_labels"][i][gt],
+                    "#40ff40")
+        _draw_boxes(ax, base_out["det_boxes"][i][found],
+                    base_out["det_labels"][i][found], "#ff4040",
+                    base_out["det_scores"][i][found])
       ax.axis("off")
       if i == 0:
         ax.set_title(titles[j], fontsize=8)

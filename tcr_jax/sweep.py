@@ -38,6 +38,13 @@ def stage_name(kind: str, method: str, alpha: float) -> str:
   return f"{kind}_{method}_alpha{alpha:g}"
 
 
+def base_task_metrics(c) -> tuple[str, ...]:
+  """The base task's metrics in results.json: depth RMSE, or detection mAP."""
+  if c.task.get("base", "depth") == "detection":
+    return ("map", "map50")
+  return ("depth_rmse",)
+
+
 def record(c, layer: str, method: str, alpha: float, beta, m: dict) -> dict:
   """One line of results.json."""
   enh_metric = "psnr" if c.task.enhancement == "reconstruction" else "miou"
@@ -46,7 +53,7 @@ def record(c, layer: str, method: str, alpha: float, beta, m: dict) -> dict:
       "alpha": alpha, "beta": beta,
       "bpp_base": m.get("bpp_base"),
       "bpp_enhancement": m.get("bpp_enhancement") if layer == "enhancement" else None,
-      "depth_rmse": m.get("depth_rmse"),
+      **{k: m.get(k) for k in base_task_metrics(c)},
       "psnr_from_base": m.get("psnr_from_base"),
       enh_metric: m.get(enh_metric),
       "loss": m.get("loss"),
@@ -114,7 +121,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       enh_vars, em = train.run_stage(exp, estage, writer_factory)
       last["enhancement", method] = enh_vars
       records.append(record(c, "enhancement", method, alpha, beta,
-                            {**em, "depth_rmse": bm["depth_rmse"],
+                            {**em, **{k: bm[k] for k in base_task_metrics(c)},
                              "psnr_from_base": bm["psnr_from_base"],
                              "bpp_actual_base": bm.get("bpp_actual_base")}))
       previews.append((alpha, method, bstage, base_vars, estage, enh_vars))
@@ -162,7 +169,7 @@ def reference_record(c, exp: train.Experiment) -> dict | None:
   """The trivial references (tcr_jax/references.py) as a results record;
   None when config.eval.reference_train_images is 0. Process 0 computes,
   every process receives them."""
-  if c.eval.reference_train_images <= 0:
+  if c.eval.reference_train_images <= 0 or c.task.get("base") == "detection":
     return None
   import numpy as np
   from tcr_jax import references

@@ -162,11 +162,19 @@ def optimizer(config, kind: str, trainable: str = "all"
   clip = t.base_grad_clip if kind == "base" else t.enhancement_grad_clip
   adam = optax.adam(t.learning_rate)
   tx = optax.chain(optax.clip_by_global_norm(clip), adam) if clip > 0 else adam
+  if kind == "base" and _detection(config):
+    from tcr_jax import detection
+    tx = detection.freeze_detector(tx, config.task.trainable_backbone_layers)
   if trainable == "all":
     return tx
   labels = lambda params: {k: "train" if k == "em" else "freeze" for k in params}
   return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()},
                                labels)
+
+
+def _detection(config) -> bool:
+  """The detection experiment (tcr_jax/detection.py supplies its pieces)."""
+  return config.task.get("base", "depth") == "detection"
 
 
 # --------------------------------------------------------------------------
@@ -192,8 +200,12 @@ class Experiment:
     self.eval_images = min(config.data.eval_images, len(self.loader.val_data))
     self.base = models.base_model(config)
     self.enh = models.enhancement_model(config)
-    self.evaluator = evaluate.Evaluator(config, self.base, self.enh,
-                                        self.loader, self.mesh)
+    evaluator = evaluate.Evaluator
+    if _detection(config):
+      from tcr_jax import detection
+      evaluator = detection.DetectionEvaluator
+    self.evaluator = evaluator(config, self.base, self.enh, self.loader,
+                               self.mesh)
     self._steps: dict[tuple, Callable] = {}
     self._initial: dict[str, PyTree] = {}
     # One optimizer object per (kind, trainable): it is part of the state's
@@ -203,6 +215,12 @@ class Experiment:
 
   def loss_fn(self, kind: str, train: bool = True) -> Callable:
     """(variables, batch, rng, hp, frozen) -> (loss, (metrics, stats))."""
+    if _detection(self.config):
+      from tcr_jax import detection
+      if kind == "base":
+        return functools.partial(detection.base_loss_fn, self.base, train=train)
+      return functools.partial(detection.enhancement_loss_fn, self.enh,
+                               self.base, self.config, train=train)
     if kind == "base":
       return functools.partial(base_loss_fn, self.base, train=train)
     return functools.partial(enhancement_loss_fn, self.enh, self.base,
@@ -230,6 +248,9 @@ class Experiment:
     # The rbg generator compiles initialisers ~5x faster than threefry on
     # CPU (20 s -> 4 s for g_a); the train steps keep threefry.
     key = jax.random.key(sampler.stage_seed(c.seed, kind), impl="rbg")
+    if _detection(c):
+      from tcr_jax import detection
+      return detection.init_variables(self.base, self.enh, c, kind, key)
     if kind == "base":
       variables = jax.jit(self.base.init)(key, x)
       if c.init.depth_backbone:
@@ -274,7 +295,8 @@ def _load_into(variables: PyTree, where: tuple[str, ...], path: str,
   want_class = {"mobilenet_v3_large": tasks.MobileNetV3Large,
                 "resnet50": tasks.ResNet50,
                 "lraspp_mobilenet_v3_large": tasks.LRASPPMobileNetV3,
-                "deeplabv3_resnet50": tasks.DeepLabV3ResNet50}[arch]
+                "deeplabv3_resnet50": tasks.DeepLabV3ResNet50,
+                "fasterrcnn_resnet50_fpn_v2": tasks.FasterRCNN}[arch]
   if type(module) is not want_class:
     raise UserError(f"{path}: holds a {type(module).__name__}, this slot takes "
                     f"{arch} (tcr-jax import-torchvision --arch {arch})")
@@ -296,6 +318,12 @@ def initial_weights_note(config) -> str | None:
   """One line saying which task networks start from random weights."""
   c = config
   scratch = []
+  if _detection(c):
+    if not c.init.detection_head:
+      return ("note: the detector starts from random weights; the authors "
+              "start from torchvision's COCO weights (config.init."
+              "detection_head; README: tcr-jax import-torchvision)")
+    return None
   if not (c.init.depth_backbone or c.init.depth_head):
     scratch.append("the depth head (config.init.depth_backbone)")
   if c.task.enhancement == "segmentation" and not (

@@ -147,3 +147,118 @@ class FAKE_CITYSCAPES:  # noqa: N801 (a namespace)
   FRAMES = _FRAMES
   sample = staticmethod(_cityscapes_sample)
   write_zips = staticmethod(_write_cityscapes_zips)
+
+
+# ---------------------------------------------------------------- kill / resume
+
+
+def run_killed_then_resumed(cmd, cwd, kill_when_exists: str,
+                            timeout: float = 900):
+  """Runs `cmd`, SIGKILLs it as soon as the path `kill_when_exists` appears
+  (a checkpoint in the middle of a stage), runs it again to the end, and
+  returns the second run (subprocess.CompletedProcess, text output)."""
+  import signal
+  import subprocess
+  import sys
+  import time
+  env = dict(os.environ, PYTHONPATH=cwd)
+  cmd = [sys.executable, "-m", "tcr_jax.main", *cmd]
+  proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + timeout
+  while (not os.path.isdir(kill_when_exists) and proc.poll() is None
+         and time.time() < deadline):
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert os.path.isdir(kill_when_exists), "the run ended before it could be interrupted"
+  return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def assert_same_records(resumed: list[dict], records: list[dict]) -> None:
+  """results.json records equal up to float noise (rel 1e-5)."""
+  assert len(resumed) == len(records)
+  for a, b in zip(resumed, records):
+    assert a.keys() == b.keys()
+    for k in a:
+      if isinstance(a[k], float):
+        assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (k, a, b)
+      else:
+        assert a[k] == b[k], (k, a, b)
+
+
+# ---------------------------------------------------------------- fake COCO
+# The three 2017 archives with a few JPEGs of both orientations: crowd
+# boxes, a degenerate box, an image without annotations and one whose
+# annotated area is below the authors' 1000 (both filtered out).
+
+
+def _jpeg(array: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(array).save(buf, format="JPEG", quality=95)
+  return buf.getvalue()
+
+
+# (height, width, [(x, y, w, h, category_id, iscrowd, area)])
+_COCO_IMAGES = {
+    "train": {
+        11: (60, 80, [(5, 6, 30, 20, 1, 0, 500.0), (40, 10, 30, 40, 3, 0, 900.0)]),
+        12: (80, 60, [(10, 10, 40, 50, 18, 0, 1500.0), (0, 0, 60, 30, 1, 1, 900.0)]),
+        13: (64, 96, [(20, 20, 50, 30, 62, 0, 1400.0), (2, 2, 0.5, 10, 3, 0, 5.0)]),
+        14: (72, 48, [(4, 4, 30, 50, 44, 0, 1200.0)]),
+        15: (50, 50, []),                                   # no annotations
+        16: (70, 90, [(1, 1, 20, 20, 1, 0, 300.0)]),        # area 300 <= 1000
+    },
+    "validation": {
+        21: (60, 90, [(10, 10, 40, 30, 1, 0, 1100.0), (50, 20, 30, 30, 3, 1, 800.0)]),
+        22: (90, 60, [(5, 5, 30, 60, 3, 0, 1600.0)]),
+        23: (64, 64, [(8, 8, 40, 40, 90, 0, 1500.0)]),
+    },
+}
+
+
+def _write_coco_zips(root, drop: tuple[str, ...] = ()) -> dict:
+  """train2017.zip, val2017.zip and annotations_trainval2017.zip under
+  root (less the names in `drop`); returns the source images by id."""
+  import json as _json
+  os.makedirs(root, exist_ok=True)
+  folders = {"train": "train2017", "validation": "val2017"}
+  images, annotations = {}, {"train": None, "validation": None}
+  next_ann = 1
+  for split, entries in _COCO_IMAGES.items():
+    folder = folders[split]
+    infos, anns = [], []
+    if f"{folder}.zip" not in drop:
+      zf = zipfile.ZipFile(os.path.join(root, f"{folder}.zip"), "w")
+    for image_id, (h, w, objects) in entries.items():
+      rng = np.random.default_rng(image_id)
+      img = (rng.integers(60, 200, (h, w, 3))).astype(np.uint8)
+      name = f"{image_id:012d}.jpg"
+      data = _jpeg(img)
+      images[image_id] = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+      if f"{folder}.zip" not in drop:
+        zf.writestr(f"{folder}/{name}", data)
+      infos.append({"id": image_id, "file_name": name, "height": h, "width": w})
+      for x, y, bw, bh, cat, crowd, area in objects:
+        anns.append({"id": next_ann, "image_id": image_id, "category_id": cat,
+                     "bbox": [x, y, bw, bh], "iscrowd": crowd, "area": area,
+                     "segmentation": []})
+        next_ann += 1
+    if f"{folder}.zip" not in drop:
+      zf.close()
+    annotations[split] = {"images": infos, "annotations": anns,
+                          "categories": [{"id": i, "name": str(i)}
+                                         for i in range(1, 91)]}
+  if "annotations_trainval2017.zip" not in drop:
+    with zipfile.ZipFile(os.path.join(root, "annotations_trainval2017.zip"),
+                         "w") as zf:
+      for split, folder in folders.items():
+        zf.writestr(f"annotations/instances_{folder}.json",
+                    _json.dumps(annotations[split]))
+  return images
+
+
+class FAKE_COCO:  # noqa: N801 (a namespace)
+  IMAGES = _COCO_IMAGES
+  write_zips = staticmethod(_write_coco_zips)

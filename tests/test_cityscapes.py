@@ -108,22 +108,6 @@ def test_prepare_data_cityscapes(tmp_path):
     prepare_data("cityscapes", str(tmp_path / "empty"), str(tmp_path / "data2"))
 
 
-def test_prepare_data_coco_failure_is_a_user_error(tmp_path, monkeypatch):
-  """No network here: only the wiring to tfds's coco/2017 is checked."""
-  import tensorflow_datasets as tfds
-  from tcr_jax.data import prepare
-
-  def offline(self, **kw):
-    assert kw["download_config"].manual_dir == tmp_path
-    raise ConnectionError("no route to images.cocodataset.org")
-
-  monkeypatch.setattr(type(tfds.builder("coco/2017", data_dir=str(tmp_path))),
-                      "download_and_prepare", offline)
-  with pytest.raises(UserError, match="cocodataset.org") as err:
-    prepare.prepare_data("coco", str(tmp_path), str(tmp_path / "data"))
-  assert "\n" not in str(err.value)
-
-
 @pytest.mark.slow
 def test_smoke_training_on_fake_cityscapes(tmp_path, configs):
   """The paper config's data path end to end: zips -> prepare-data -> train."""

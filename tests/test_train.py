@@ -1,9 +1,6 @@
 """Training end to end on the :smoke config (CPU, 4 fake devices)."""
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -13,6 +10,8 @@ import pytest
 from tcr_jax import checkpoints, compression, sweep, train
 from tcr_jax.codec import files
 from tcr_jax.errors import UserError
+
+from conftest import assert_same_records, run_killed_then_resumed
 
 ALPHAS = "(0.05,)"
 FIELDS = {"experiment", "method", "alpha", "beta", "bpp_base", "bpp_enhancement",
@@ -166,34 +165,14 @@ def test_preempted_run_ends_like_an_uninterrupted_one(smoke_run, tmp_path, root)
   """SIGKILL in the middle of a stage, start again: same results.json."""
   _, records, _ = smoke_run
   workdir = str(tmp_path / "preempted")
-  cmd = [sys.executable, "-m", "tcr_jax.main",
-         "--config=configs/depth_recon.py:smoke",
-         f"--config.sweep.alphas={ALPHAS}", f"--workdir={workdir}"]
-  env = dict(os.environ, PYTHONPATH=root)
   target = os.path.join(workdir, "stages", "enhancement_baseline_alpha0.05",
                         "checkpoints", "2")
-  proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  deadline = time.time() + 900
-  while not os.path.isdir(target) and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert os.path.isdir(target), "the run ended before it could be interrupted"
-  assert not os.path.exists(os.path.join(workdir, "results.json"))
-  done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True,
-                        timeout=900)
+  done = run_killed_then_resumed(
+      ["--config=configs/depth_recon.py:smoke",
+       f"--config.sweep.alphas={ALPHAS}", f"--workdir={workdir}"], root, target)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "resuming at step" in done.stdout
-  resumed = _load(workdir)
-  assert len(resumed) == len(records)
-  for a, b in zip(resumed, records):
-    assert a.keys() == b.keys()
-    for k in a:
-      if isinstance(a[k], float):
-        assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (k, a, b)
-      else:
-        assert a[k] == b[k]
+  assert_same_records(_load(workdir), records)
 
 
 @pytest.mark.slow

@@ -96,6 +96,33 @@ def bits(likelihoods: jax.Array | Mapping[str, jax.Array]) -> jax.Array:
   return -jnp.sum(jnp.log2(lik), axis=tuple(range(1, lik.ndim)))
 
 
+def bits_within(likelihoods: jax.Array | Mapping[str, jax.Array],
+                image_sizes: jax.Array, canvas: tuple[int, int],
+                multiple: int = 32) -> jax.Array:
+  """Bits per image of the latent elements a file of that image alone codes.
+
+  For images on a shared canvas (B, H, W) of which image i fills the top
+  left image_sizes[i] = (h, w): the elements of each likelihood map (B, h_l,
+  w_l, C) at stride s = H / h_l (rounded to a power of two) within the
+  image's footprint, ceil(ceil_multiple(h) / s) rows by the same in columns,
+  i.e. what coding the image padded to `multiple` alone gives. The canvas's
+  further padding costs nothing. Shape (batch,).
+  """
+  if isinstance(likelihoods, Mapping):
+    return sum(bits_within(v, image_sizes, canvas, multiple)
+               for v in likelihoods.values())
+  lik = likelihoods.astype(jnp.float32)
+  sizes = jnp.asarray(image_sizes, jnp.int32)
+  padded = -(-sizes // multiple) * multiple
+  counts = []
+  for axis, extent in enumerate(canvas):
+    n = lik.shape[1 + axis]
+    stride = 2 ** round(math.log2(extent / n))
+    counts.append((jnp.arange(n)[None, :] < -(-padded[:, axis:axis + 1] // stride)))
+  inside = counts[0][:, :, None, None] & counts[1][:, None, :, None]
+  return -jnp.sum(jnp.where(inside, jnp.log2(lik), 0.0), axis=(1, 2, 3))
+
+
 def bpp(likelihoods: jax.Array | Mapping[str, jax.Array],
         num_pixels: int) -> jax.Array:
   """Mean bits per pixel over the batch; `num_pixels` = H * W of the input.

@@ -7,6 +7,9 @@
   disparity  (B, H, W) float32, pixels
   valid      (B, H, W) bool, pixels with ground-truth disparity
   labels     (B, H, W) int32, train ids, ignore mapped to config.task.ignore_index
+
+With config.task.base "detection" the batches are in the detection layout
+of tcr_jax.data.detection (synthetic scenes or COCO 2017, tcr_jax.data.coco).
 """
 from __future__ import annotations
 
@@ -38,6 +41,8 @@ class SceneBatches:
 def make_dataset(config, split: str):
   """The dataset named by config.data.name for split "train" / "validation"."""
   name = config.data.name
+  if config.task.get("base", "depth") == "detection":
+    return _detection_dataset(config, split)
   if name == "synthetic":
     from tcr_jax.data.synthetic import SyntheticScenes
     scenes = SyntheticScenes(split, config.data.height, config.data.width,
@@ -47,3 +52,18 @@ def make_dataset(config, split: str):
     from tcr_jax.data.pipeline import TfdsBatches  # imports TensorFlow
     return TfdsBatches(config, split)
   raise UserError(f"unknown dataset {name!r}; expected 'synthetic' or 'cityscapes'")
+
+
+def _detection_dataset(config, split: str):
+  name = config.data.name
+  if name == "synthetic":
+    from tcr_jax.data.detection import SyntheticDetection
+    from tcr_jax.data.synthetic import SyntheticScenes
+    scenes = SyntheticScenes(split, config.data.height, config.data.width,
+                             config.seed)
+    return SyntheticDetection(scenes, config.data.max_boxes)
+  if name == "coco":
+    from tcr_jax.data.coco import CocoDetection  # imports TensorFlow lazily
+    return CocoDetection(config, split)
+  raise UserError(f"unknown detection dataset {name!r}; expected 'synthetic' "
+                  "or 'coco'")

@@ -9,6 +9,9 @@ The random numbers are drawn for the whole global batch (`draw`) and each
 process applies the rows of its own share (`augment_batch(rows=...)`), so a
 sample's augmentation depends on (seed, step, position in the batch) and not
 on how many processes share the batch.
+
+Detection batches (tcr_jax.data.detection) flip each image within its own
+width, with its boxes; the authors' detection training flips only.
 """
 from __future__ import annotations
 
@@ -52,6 +55,9 @@ def augment_batch(batch: dict, rng: np.random.Generator, hflip: bool = True,
   lo, hi = rows if rows is not None else (0, n)
   flips, factors = draw(rng, global_size or n, hflip, jitter)
   flips = flips[lo:hi]
+  if "boxes" in batch:  # detection: boxes, and images smaller than the canvas
+    return _augment_detection(batch, flips,
+                              None if factors is None else factors[lo:hi])
   images = []
   for i in range(n):
     img = batch["image"][i]
@@ -65,3 +71,16 @@ def augment_batch(batch: dict, rng: np.random.Generator, hflip: bool = True,
       arr[flips] = arr[flips][:, :, ::-1]
       out[key] = arr
   return out
+
+
+def _augment_detection(batch: dict, flips: np.ndarray, factors) -> dict:
+  """Jitter within each image's own size, then flips with the boxes
+  (tcr_jax.data.detection.flip_batch)."""
+  from tcr_jax.data import detection
+  out = dict(batch)
+  if factors is not None:
+    images = batch["image"].copy()
+    for i, (h, w) in enumerate(batch["image_size"]):
+      images[i, :h, :w] = color_jitter(images[i, :h, :w], factors[i])
+    out["image"] = images
+  return detection.flip_batch(out, flips)

@@ -57,8 +57,13 @@ class Loader:
     """This process's rows of global batch `step`, augmented (numpy)."""
     c = self.config
     b = c.train.batch_size
-    indices = sampler.global_indices(step, b, len(self.train_data),
-                                     sampler.stage_seed(c.seed, "data"))
+    groups = getattr(self.train_data, "groups", None)
+    if groups is None:
+      indices = sampler.global_indices(step, b, len(self.train_data),
+                                       sampler.stage_seed(c.seed, "data"))
+    else:  # canvases a batch must not mix (COCO's orientations)
+      indices = sampler.grouped_indices(step, b, groups,
+                                        sampler.stage_seed(c.seed, "data"))
     batch = self._read("train", indices)
     rng = np.random.default_rng([sampler.stage_seed(c.seed, stage), step, 0])
     return augment.augment_batch(batch, rng, c.data.hflip, c.data.color_jitter,
@@ -66,8 +71,24 @@ class Loader:
 
   def val_batches(self, count: int) -> Iterator[dict[str, jax.Array]]:
     b = self.config.eval.batch_size
+    groups = getattr(self.val_data, "groups", None)
+    if groups is not None:  # one canvas per batch: group by group
+      yield from self._grouped_val_batches(count, b, np.asarray(groups))
+      return
     for start in range(0, count, b):
       idx = np.arange(start, start + b)
       batch = self._read("validation", np.minimum(idx, count - 1))
       batch["weight"] = self._share((idx < count).astype(np.float32))
       yield self.to_global(batch)
+
+  def _grouped_val_batches(self, count: int, b: int, groups: np.ndarray):
+    """The first `count` images, batched within their groups (in order),
+    each group's last batch padded with its last image (weight 0)."""
+    for g in np.unique(groups[:count]):
+      members = np.flatnonzero(groups[:count] == g)
+      for start in range(0, len(members), b):
+        pos = np.arange(start, start + b)
+        batch = self._read("validation",
+                           members[np.minimum(pos, len(members) - 1)])
+        batch["weight"] = self._share((pos < len(members)).astype(np.float32))
+        yield self.to_global(batch)

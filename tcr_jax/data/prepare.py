@@ -2,10 +2,9 @@
 
   cityscapes  tcr_jax.data.cityscapes from the three official zips in the
               manual dir, written as ArrayRecord (random access by index)
-  coco        tfds's own coco/2017 (boxes, category ids, crowd flags);
-              archives already in the manual dir (train2017.zip,
-              val2017.zip, annotations_trainval2017.zip, ...) are used
-              instead of downloading them
+  coco        tcr_jax.data.coco from the three 2017 archives in the manual
+              dir (train2017.zip, val2017.zip, annotations_trainval2017.zip),
+              offline, written as ArrayRecord, plus its per-split index
 
 Returns a summary dict (dataset, data_dir, examples per split); every
 failure the user can fix is a one-line UserError.
@@ -17,7 +16,6 @@ import os
 from tcr_jax.errors import UserError
 
 DATASETS = ("cityscapes", "coco")
-COCO_NAME = "coco/2017"
 COCO_URL = "https://cocodataset.org/#download"
 
 
@@ -34,8 +32,12 @@ def prepare_data(dataset: str, manual_dir: str | None, data_dir: str) -> dict:
   if dataset == "cityscapes":
     builder = _cityscapes_builder(manual_dir, data_dir)
   else:
-    builder = _coco_builder(data_dir)
+    builder = _coco_builder(manual_dir, data_dir)
   _build(builder, dataset, manual_dir)
+  if dataset == "coco":
+    from tcr_jax.data import coco
+    for split in coco.FOLDERS:
+      coco.write_index(builder, split)
   return {"dataset": dataset, "data_dir": os.fspath(builder.data_dir),
           "splits": {name: int(info.num_examples)
                      for name, info in builder.info.splits.items()}}
@@ -47,9 +49,10 @@ def _cityscapes_builder(manual_dir, data_dir):
   return cityscapes.make_builder(data_dir)
 
 
-def _coco_builder(data_dir):
-  import tensorflow_datasets as tfds
-  return tfds.builder(COCO_NAME, data_dir=data_dir, file_format="array_record")
+def _coco_builder(manual_dir, data_dir):
+  from tcr_jax.data import coco
+  coco.check_manual_dir(manual_dir)  # one line naming what is missing
+  return coco.make_builder(data_dir)
 
 
 def _build(builder, dataset: str, manual_dir) -> None:
