@@ -75,9 +75,8 @@ def detection_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.task.enhancement_rate_pixels = "full"  # COCO: the unpadded resized size
 
   if arg in ("synthetic", "smoke"):
-    # The depth demo's own devices (warm starts, its schedule, the trivial
-    # depth references, beta 0.1) stay off here.
-    c.sweep.warm_start = False
+    # The depth demo's own devices (a shared pre-trained start, its
+    # schedule, the trivial depth references, beta 0.1) stay off here.
     c.train.base_pretrain_steps = 0
     c.train.lr_schedule = "constant"
     c.eval.reference_train_images = 0

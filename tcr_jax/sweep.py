@@ -12,12 +12,11 @@ Each trained model is evaluated on the validation split and becomes one
 record of results.json; rd.py then writes bd_rate.md and the RD plots, and
 previews/ gets the outputs of the first validation images.
 
-With config.sweep.warm_start (the :synthetic demo), each alpha's models start
-from the previous alpha's models of the same method (alphas in the given
-order, highest rate first) and train train.*_warm_steps steps instead of
-train.*_steps; with train.base_pretrain_steps > 0, every base model of the
-first alpha starts from one shared model (stage base_pretrain: beta 0, the
-first alpha), so baseline and proposal differ only in their own steps.
+With train.base_pretrain_steps > 0 (the :synthetic demo), every base model
+starts from one shared model (stage base_pretrain: beta 0, the first alpha)
+and fine-tunes it for train.base_steps at train.finetune_lr_scale times the
+learning rate: baseline and proposal, and the alphas, differ only in their
+own steps, as models from one pre-trained backbone do.
 
 Stages live in WORKDIR/stages/NAME (tcr_jax/train.py); running the same
 command again skips finished stages and resumes the one in progress.
@@ -94,32 +93,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     records.append(reference)
     train.log("trivial references: " + train._fmt(reference))
   previews = []
-  last: dict[tuple[str, str], object] = {}  # (kind, method) -> variables
-  if c.sweep.warm_start and c.train.base_pretrain_steps > 0:
-    # One shared start for every base chain: trained as a baseline (beta 0)
-    # at the first alpha, so no method gets more steps than another.
+  base_start = {}  # init and lr_scale of every base model (none: from scratch)
+  if c.train.base_pretrain_steps > 0:
+    # One shared start for every base model, trained as a baseline (beta 0)
+    # at the first alpha: each base model then fine-tunes it for
+    # train.base_steps, so no model gets more steps than another.
     pstage = train.Stage("base_pretrain", "base", c.train.base_pretrain_steps,
                          {"alpha": c.sweep.alphas[0], "beta": 0.0})
     shared, _ = train.run_stage(exp, pstage, writer_factory)
-    for method in c.sweep.methods:
-      last["base", method] = shared
+    base_start = {"init": shared}
 
   for alpha in c.sweep.alphas:
     alpha_e = alpha * c.sweep.enhancement_alpha_scale
     for method in c.sweep.methods:
       beta = 0.0 if method == "baseline" else c.sweep.beta
+      hp = {"alpha": alpha, "beta": beta}
+      if base_start:
+        hp["lr_scale"] = c.train.finetune_lr_scale
       bstage = train.Stage(stage_name("base", method, alpha), "base",
-                           hp={"alpha": alpha, "beta": beta},
-                           **chain_start(c, "base", method, last))
+                           c.train.base_steps, hp, **base_start)
       base_vars, bm = train.run_stage(exp, bstage, writer_factory)
-      last["base", method] = base_vars
       records.append(record(c, "base", method, alpha, beta, bm))
       estage = train.Stage(stage_name("enhancement", method, alpha),
-                           "enhancement",
-                           hp={"alpha": alpha_e, "side_gate": 1.0, "base_rate": 1.0},
-                           frozen=base_vars, **chain_start(c, "enhancement", method, last))
+                           "enhancement", c.train.enhancement_steps,
+                           {"alpha": alpha_e, "side_gate": 1.0, "base_rate": 1.0},
+                           frozen=base_vars)
       enh_vars, em = train.run_stage(exp, estage, writer_factory)
-      last["enhancement", method] = enh_vars
       records.append(record(c, "enhancement", method, alpha, beta,
                             {**em, **{k: bm[k] for k in base_task_metrics(c)},
                              "psnr_from_base": bm["psnr_from_base"],
@@ -127,15 +126,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       previews.append((alpha, method, bstage, base_vars, estage, enh_vars))
     if c.sweep.standalone:
       refit = c.sweep.standalone_mode == "refit"
-      chain = {} if refit else chain_start(c, "enhancement", "standalone", last)
       sstage = train.Stage(
           stage_name("enhancement", "standalone", alpha), "enhancement",
-          hp={"alpha": alpha_e, "side_gate": 0.0, "base_rate": float(refit)},
-          frozen=base_vars, trainable="entropy_model" if refit else "all",
-          **(dict(steps=c.train.enhancement_steps, init=enh_vars) if refit
-             else chain))
-      svars, sm = train.run_stage(exp, sstage, writer_factory)
-      last["enhancement", "standalone"] = svars
+          c.train.enhancement_steps,
+          {"alpha": alpha_e, "side_gate": 0.0, "base_rate": float(refit)},
+          frozen=base_vars, init=enh_vars if refit else None,
+          trainable="entropy_model" if refit else "all")
+      _, sm = train.run_stage(exp, sstage, writer_factory)
       records.append(record(c, "enhancement", "standalone", alpha, None, sm))
 
   checkpoints.write_json(os.path.join(workdir, "results.json"), records)
@@ -152,17 +149,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     print("RD plots: " + ", ".join(os.path.join(workdir, f) for f in plots))
     print(f"previews: {os.path.join(workdir, 'previews')}/", flush=True)
   return records
-
-
-def chain_start(c, kind: str, method: str, last: dict) -> dict:
-  """Stage arguments (steps, init) of a method's next model: with
-  config.sweep.warm_start, the previous alpha's variables of the same kind and
-  method (`last`) and train.*_warm_steps; otherwise from scratch, *_steps."""
-  base = kind == "base"
-  if c.sweep.warm_start and (kind, method) in last:
-    return {"steps": c.train.base_warm_steps if base else c.train.enhancement_warm_steps,
-            "init": last[kind, method]}
-  return {"steps": c.train.base_steps if base else c.train.enhancement_steps}
 
 
 def reference_record(c, exp: train.Experiment) -> dict | None:

@@ -136,7 +136,8 @@ def learning_rate_scale(step, steps, schedule: str) -> jax.Array:
 
 def train_step(state: TrainState, batch, hp, frozen, *, loss_fn: Callable,
                schedule: str = "constant") -> tuple[TrainState, dict]:
-  """One update; hp["steps"] (the stage's length) drives the schedule."""
+  """One update; hp["steps"] (the stage's length) drives the schedule and
+  hp["lr_scale"] (default 1) scales the learning rate."""
   rng = jax.random.fold_in(state.rng, state.step)
 
   def differentiate(params):
@@ -146,7 +147,8 @@ def train_step(state: TrainState, batch, hp, frozen, *, loss_fn: Callable,
   (_, (metrics, batch_stats)), grads = jax.value_and_grad(
       differentiate, has_aux=True)(state.params)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-  scale = learning_rate_scale(state.step, hp.get("steps", 1.0), schedule)
+  scale = (learning_rate_scale(state.step, hp.get("steps", 1.0), schedule)
+           * hp.get("lr_scale", 1.0))
   updates = jax.tree.map(lambda u: u * scale, updates)
   state = state.replace(step=state.step + 1,
                         params=optax.apply_updates(state.params, updates),

@@ -1,12 +1,13 @@
-"""What the :synthetic demo relies on: the trivial references, warm starts
-along the alphas, the learning-rate schedule, the depth head's batch-norm
-momentum, and the report that sets references next to the models."""
+"""What the :synthetic demo relies on: the trivial references, the shared
+pre-trained start of the base models, the learning-rate schedule, the depth
+head's batch-norm momentum, and the report that sets references next to the
+models."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tcr_jax import configs_lib, rd, references, sweep, train
+from tcr_jax import checkpoints, configs_lib, models, rd, references, sweep, train
 from tcr_jax.errors import UserError
 
 
@@ -78,33 +79,50 @@ def test_schedule_scales_the_update():
 
   batch = {"x": jnp.array([1.0, 2.0, 3.0])}
   hp = {"steps": jnp.float32(100)}
-  for schedule, scale in (("constant", 1.0), ("cosine", 0.5)):
-    new, _ = train.train_step(state, batch, hp, None, loss_fn=loss_fn, schedule=schedule)
+  for schedule, lr_scale, scale in (("constant", 1.0, 1.0), ("cosine", 1.0, 0.5),
+                                    ("cosine", 0.5, 0.25)):
+    new, _ = train.train_step(state, batch, {**hp, "lr_scale": jnp.float32(lr_scale)},
+                              None, loss_fn=loss_fn, schedule=schedule)
     np.testing.assert_allclose(new.params["w"], 1.0 - 0.1 * scale * batch["x"], rtol=1e-6)
 
 
-def test_warm_start_chains_each_method_and_kind(configs):
-  c = configs.load("depth_recon", "synthetic")
-  last = {}
-  first = sweep.chain_start(c, "base", "proposal", last)
-  assert first == {"steps": c.train.base_steps}
-  last["base", "proposal"] = "proposal variables"
-  assert sweep.chain_start(c, "base", "proposal", last) == {
-      "steps": c.train.base_warm_steps, "init": "proposal variables"}
-  # Another method, or the enhancement, starts its own chain.
-  assert sweep.chain_start(c, "base", "baseline", last) == {"steps": c.train.base_steps}
-  assert sweep.chain_start(c, "enhancement", "proposal", last) == {
-      "steps": c.train.enhancement_steps}
-  with c.unlocked():
-    c.sweep.warm_start = False
-  assert sweep.chain_start(c, "base", "proposal", last) == {"steps": c.train.base_steps}
+@pytest.mark.slow
+def test_every_base_model_fine_tunes_the_shared_start(tmp_path, configs):
+  c = configs.smoke(**{"sweep.standalone": False, "train.base_pretrain_steps": 2,
+                       "train.base_steps": 1, "train.finetune_lr_scale": 0.5,
+                       "train.enhancement_steps": 1,
+                       "eval.reference_train_images": 64})
+  c.sweep.alphas = (0.05, 0.2)
+  records = sweep.train_and_evaluate(c, str(tmp_path))
+  # The trivial references lead results.json, as the sweep computed them.
+  ref = records[0]
+  assert ref["layer"] == "reference" and all(r["layer"] != "reference" for r in records[1:])
+  assert 0 < ref["mean_disparity_rmse"] < ref["constant_disparity_rmse"]
+  assert "Trivial references" in (tmp_path / "bd_rate.md").read_text()
+  model = models.base_model(c)
+  x = jnp.zeros((1, c.data.height, c.data.width, 3))
+  template = jax.eval_shape(lambda k: model.init(k, x), jax.random.key(0))
+
+  def params(stage):
+    return checkpoints.load_variables(str(tmp_path / "stages" / stage), template)["params"]
+
+  shared = params("base_pretrain")
+  # One Adam step moves no parameter by more than the learning rate; models
+  # started elsewhere would differ by the scale of their initialisation.
+  bound = c.train.learning_rate * c.train.finetune_lr_scale * (1 + 1e-3)
+  for method in c.sweep.methods:
+    for alpha in c.sweep.alphas:
+      p = params(sweep.stage_name("base", method, alpha))
+      moved = max(jax.tree.leaves(jax.tree.map(
+          lambda a, b: float(jnp.max(jnp.abs(a - b))), p, shared)))
+      assert 0 < moved <= bound, (method, alpha, moved)
 
 
-def test_warm_start_without_warm_steps_is_refused(configs):
+def test_bad_pretrain_fields_are_refused(configs):
   c = configs.load("depth_recon", "synthetic")
   with c.unlocked():
-    c.train.base_warm_steps = 0
-  with pytest.raises(UserError, match="base_warm_steps"):
+    c.train.finetune_lr_scale = 0.0
+  with pytest.raises(UserError, match="finetune_lr_scale"):
     configs_lib.validate(c)
 
 
