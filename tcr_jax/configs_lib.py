@@ -181,7 +181,7 @@ def experiment_config(experiment: str, enhancement_task: str,
     c.train.batch_size = 8
     c.train.learning_rate = 1e-3
     c.train.lr_schedule = "cosine"
-    c.train.base_pretrain_steps = 600
+    c.train.base_pretrain_steps = 500
     c.train.base_steps = 100
     c.train.finetune_lr_scale = 1.0
     c.train.enhancement_steps = 250
