@@ -248,13 +248,11 @@ class Enhancement(nn.Module):
 
   @property
   def multiple(self) -> int:
-    """Of the coded image: the half-resolution one, or the input itself."""
-    return 16 if self.half_resolution else 32
-
-  @property
-  def multiple(self) -> int:
-    """g_a's strides, on the half-resolution input (16 with three widths)."""
-    return transforms.downsampling(self.widths)
+    """Of the coded image: g_a's strides (16 with three widths) on the
+    half-resolution image, or twice that on the input itself, so that Y_e
+    has Y_b's size."""
+    strides = transforms.downsampling(self.widths)
+    return strides if self.half_resolution else 2 * strides
 
   @nn.nowrap
   def entropy_model(self) -> entropy_models.GaussianEntropyModel:
@@ -284,7 +282,8 @@ class Enhancement(nn.Module):
   def latent_shape(self, height: int, width: int) -> tuple[int, int, int, int]:
     if self.half_resolution:
       height, width = _ceil_div(height, 2), _ceil_div(width, 2)
-    m, per = self.multiple, self.multiple // 16
+    m = self.multiple
+    per = m // transforms.downsampling(self.widths)
     return (1, _ceil_div(height, m) * per, _ceil_div(width, m) * per,
             self.latent_channels)
 
