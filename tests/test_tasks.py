@@ -289,3 +289,45 @@ def test_confusion_matrix_and_miou():
   # IoU: class 0: 1/2, class 1: 2/3; class 2 (ignored) left out.
   np.testing.assert_allclose(losses.miou(conf, ignore_index=2),
                              (1 / 2 + 2 / 3) / 2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kernel,stride,dilation", [(3, 1, 1), (3, 2, 1),
+                                                    (5, 2, 1), (5, 1, 2)])
+def test_depthwise_conv_shifts_equal_the_grouped_convolution(kernel, stride,
+                                                             dilation):
+  """The CPU path (shifted windows) against lax's grouped convolution, values
+  and gradients, on odd sizes so that strides drop a border."""
+  from tcr_jax.tasks.layers import depthwise_conv
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 9, 11, 6)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(kernel, kernel, 1, 6)), jnp.float32)
+  pad = (kernel - 1) // 2 * dilation
+
+  def f(x, w, shifts):
+    y = depthwise_conv(x, w, stride, dilation, pad, shifts)
+    return jnp.sum(jnp.sin(y)), y
+
+  (_, y0), g0 = jax.value_and_grad(f, (0, 1), has_aux=True)(x, w, False)
+  (_, y1), g1 = jax.value_and_grad(f, (0, 1), has_aux=True)(x, w, True)
+  assert y0.shape == y1.shape
+  np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
+  for a, b in zip(g1, g0):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_conv_has_the_variables_of_a_grouped_nn_conv():
+  """Same names, shapes and initial values as nn.Conv(feature_group_count=C):
+  checkpoints and the torchvision import cannot tell them apart."""
+  import flax.linen as nn
+  from tcr_jax.tasks.layers import DepthwiseConv, conv2d
+  x = jnp.ones((1, 8, 8, 12))
+  dw = conv2d(12, 5, stride=2, groups=12)
+  assert isinstance(dw, DepthwiseConv)
+  ref = nn.Conv(12, (5, 5), strides=(2, 2), padding=((2, 2), (2, 2)),
+                feature_group_count=12, use_bias=False,
+                kernel_init=dw.kernel_init)
+  v, v_ref = dw.init(jax.random.key(3), x), ref.init(jax.random.key(3), x)
+  assert jax.tree.structure(v) == jax.tree.structure(v_ref)
+  np.testing.assert_array_equal(v["params"]["kernel"], v_ref["params"]["kernel"])
+  np.testing.assert_allclose(dw.apply(v, x), ref.apply(v_ref, x), rtol=1e-5,
+                             atol=1e-5)
