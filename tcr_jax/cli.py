@@ -48,6 +48,15 @@ def _prepare_data(args: argparse.Namespace) -> None:
   print(json.dumps(prepare_data(args.dataset, args.manual_dir, args.data_dir)))
 
 
+def _compare_seeds(args: argparse.Namespace) -> None:
+  from tcr_jax import seeds
+  text = seeds.report(args.workdirs)
+  if args.output:
+    with open(args.output, "w") as f:
+      f.write(text)
+  print(text, end="")
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="tcr-jax",
@@ -84,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--data-dir", required=True,
                  help="tfds data dir; point config.data.data_dir to it")
   s.set_defaults(func=_prepare_data)
+
+  s = sub.add_parser("compare-seeds",
+                     help="BD-rates and checks of one sweep under several seeds")
+  s.add_argument("workdirs", nargs="+", help="workdirs of finished sweeps")
+  s.add_argument("--output", default=None, help="markdown file to write")
+  s.set_defaults(func=_compare_seeds)
 
   s = sub.add_parser("compress", help="image -> .tcr file with a trained workdir")
   s.add_argument("--workdir", required=True, help="training workdir")
