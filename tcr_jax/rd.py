@@ -12,6 +12,8 @@ anchor for the same quality. Where the quality ranges do not overlap there
 is no number: None is returned and the report says so. Where there is no
 meaningful number (a curve running the wrong way, a cubic fit that diverges
 beyond float range) `BDRateUndefined` says why, and the report prints that.
+`bd_quality` is the other Bjontegaard delta, quality at equal rate (BD-PSNR),
+defined where the rate ranges overlap.
 """
 from __future__ import annotations
 
@@ -28,25 +30,33 @@ class BDRateUndefined(ValueError):
   """No BD-rate for these curves; the message says why, in a few words."""
 
 
-def _prepare(rate, quality, higher_is_better):
+def _points(rate, quality) -> tuple[np.ndarray, np.ndarray]:
   r = np.asarray(rate, np.float64)
   q = np.asarray(quality, np.float64)
   if r.shape != q.shape or r.ndim != 1:
     raise ValueError("rate and quality must be 1-D sequences of equal length")
   if np.any(r <= 0) or not np.all(np.isfinite(r)) or not np.all(np.isfinite(q)):
     raise ValueError("rates must be positive and finite, qualities finite")
+  return r, q
+
+
+def _by_x(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Sorted distinct x, y averaged over equal x (interpolation needs
+  distinct abscissae)."""
+  ux, inv = np.unique(x, return_inverse=True)
+  return ux, np.bincount(inv, weights=y) / np.bincount(inv)
+
+
+def _prepare(rate, quality, higher_is_better):
+  """(quality, log-rate) for fitting log-rate over quality."""
+  r, q = _points(rate, quality)
   if not higher_is_better:
     q = -q
   if len(q) >= 2 and np.corrcoef(np.log(r), q)[0, 1] < 0:
     raise BDRateUndefined(
         "quality falls as rate rises: for a distortion where lower is better "
         "(e.g. depth RMSE) pass higher_is_better=False")
-  order = np.argsort(q)
-  q, lr = q[order], np.log(r[order])
-  # Equal qualities: average their log-rates (interpolation needs distinct x).
-  uq, inv = np.unique(q, return_inverse=True)
-  ulr = np.bincount(inv, weights=lr) / np.bincount(inv)
-  return uq, ulr
+  return _by_x(q, np.log(r))
 
 
 def _integral(q, lr, lo, hi, method):
@@ -95,6 +105,32 @@ def bd_rate(rate_anchor: Sequence[float], quality_anchor: Sequence[float],
   except OverflowError:
     raise BDRateUndefined(f"the {method} fit diverges (log-rate difference "
                           f"{avg:.3g})") from None
+
+
+def bd_quality(rate_anchor: Sequence[float], quality_anchor: Sequence[float],
+               rate_test: Sequence[float], quality_test: Sequence[float],
+               method: str = "cubic") -> float | None:
+  """Bjontegaard delta quality (BD-PSNR for PSNR): the test's mean quality
+  minus the anchor's at equal rate, over the overlap of the two log-rate
+  ranges, in the quality's unit (for depth RMSE negative is better).
+
+  Quality is fitted as a function of log-rate, the other way round from
+  `bd_rate`, with the same two methods; it is the number to read where the
+  quality ranges do not overlap (a test better than the anchor at every
+  rate) and `bd_rate` has none. None where the rate ranges do not overlap.
+  """
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+  ra, qa = _points(rate_anchor, quality_anchor)
+  rt, qt = _points(rate_test, quality_test)
+  (la, qa), (lt, qt) = _by_x(np.log(ra), qa), _by_x(np.log(rt), qt)
+  if len(la) < 2 or len(lt) < 2:
+    return None
+  lo, hi = max(la[0], lt[0]), min(la[-1], lt[-1])
+  if not hi > lo:
+    return None
+  return float((_integral(lt, qt, lo, hi, method)
+                - _integral(la, qa, lo, hi, method)) / (hi - lo))
 
 
 # --------------------------------------------------------------------------
@@ -149,7 +185,8 @@ def comparisons(records: list[dict]) -> list[dict]:
     out.append(dict(title=title, layer=layer, key=key, higher_is_better=hib,
                     anchor=anchor, test=test, anchor_curve=(ra, qa),
                     test_curve=(rt, qt), plot=plot,
-                    bd={m: _safe_bd(ra, qa, rt, qt, m, hib) for m in METHODS}))
+                    bd={m: _safe_bd(ra, qa, rt, qt, m, hib) for m in METHODS},
+                    bdq={m: bd_quality(ra, qa, rt, qt, m) for m in METHODS}))
   return out
 
 
@@ -167,6 +204,10 @@ def _fmt_bd(v):
   return v if isinstance(v, str) else f"{v:+.2f}%"
 
 
+def _fmt_bdq(v):
+  return "no overlap" if v is None else f"{v:+.3f}"
+
+
 def write_report(records: list[dict], workdir: str, experiment: str,
                  enhancement_rate_pixels: str = "full") -> str:
   """Writes bd_rate.md and rd_*.png into workdir; returns the markdown."""
@@ -177,12 +218,18 @@ def write_report(records: list[dict], workdir: str, experiment: str,
   lines = [f"# BD-rate, {experiment}", "",
            "Negative: the test needs less rate than the anchor for the same "
            f"quality. Rates are {unit}.", "",
-           "| comparison | anchor | test | points | BD-rate (cubic) | BD-rate (PCHIP) |",
-           "| --- | --- | --- | --- | --- | --- |"]
+           "BD-quality: the test's mean quality minus the anchor's at equal "
+           "rate, in the quality's unit (dB; px for depth RMSE, where negative "
+           "is better); it has a value where the quality ranges do not overlap.",
+           "",
+           "| comparison | anchor | test | points | BD-rate (cubic) | BD-rate (PCHIP) "
+           "| BD-quality (cubic) | BD-quality (PCHIP) |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
   for c in comps:
     lines.append(f"| {c['title']} | {c['anchor']} | {c['test']} | "
                  f"{len(c['anchor_curve'][0])}/{len(c['test_curve'][0])} | "
-                 f"{_fmt_bd(c['bd']['cubic'])} | {_fmt_bd(c['bd']['pchip'])} |")
+                 f"{_fmt_bd(c['bd']['cubic'])} | {_fmt_bd(c['bd']['pchip'])} | "
+                 f"{_fmt_bdq(c['bdq']['cubic'])} | {_fmt_bdq(c['bdq']['pchip'])} |")
   lines += _reference_lines(records)
   text = "\n".join(lines) + "\n"
   with open(os.path.join(workdir, "bd_rate.md"), "w") as f:

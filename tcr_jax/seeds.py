@@ -104,16 +104,25 @@ def checks(records: list[dict]) -> list[tuple[str, bool, str]]:
                 "at every alpha", all(p > b for _, b, p in pairs),
                 " ".join(f"{a:g}: {b:.2f}<{p:.2f}" if p > b else
                          f"{a:g}: {b:.2f}>={p:.2f}" for a, b, p in pairs)))
-  bds = [v for c in rd.comparisons(records) for v in c["bd"].values()]
+  comps = rd.comparisons(records)
+  bds = [v for c in comps for v in c["bd"].values()]
   if bds:
-    finite = [v for v in bds if isinstance(v, float) and math.isfinite(v)]
+    finite = [v for v in bds if _finite(v)]
     out.append(("every BD-rate is a finite number", len(finite) == len(bds),
                 f"{len(finite)} of {len(bds)}"))
+    some = [c for c in comps if any(_finite(v) for v in
+                                    (*c["bd"].values(), *c["bdq"].values()))]
+    out.append(("every comparison has a finite BD-rate or BD-quality",
+                len(some) == len(comps), f"{len(some)} of {len(comps)}"))
   return out
 
 
+def _finite(v) -> bool:
+  return isinstance(v, float) and math.isfinite(v)
+
+
 def _sign(v) -> str | None:
-  if isinstance(v, float) and math.isfinite(v) and v != 0:
+  if _finite(v) and v != 0:
     return "-" if v < 0 else "+"
   return None
 
@@ -129,24 +138,28 @@ def report(workdirs: Sequence[str]) -> str:
   lines = ["# One sweep, several seeds", "",
            "Workdirs: " + ", ".join(f"`{w}` (seed {s})"
                                     for w, s in zip(workdirs, seeds)), "",
-           "## BD-rates", "",
-           "Negative: the test needs less rate than the anchor for the same "
-           "quality (bd_rate.md of each workdir).", "",
-           "| comparison | anchor | test | fit | "
+           "## BD-rates and BD-qualities", "",
+           "BD-rate: negative, the test needs less rate than the anchor for "
+           "the same quality. BD-quality: the test's quality minus the "
+           "anchor's at equal rate (for depth RMSE negative is better). As in "
+           "each workdir's bd_rate.md.", "",
+           "| comparison | anchor | test | delta | "
            + " | ".join(f"seed {s}" for s in seeds) + " | same sign on all |",
            "| --- | --- | --- | --- | " + " | ".join("---" for _ in seeds)
            + " | --- |"]
   for key in keys:
-    for method in rd.METHODS:
-      values = []
-      for run in comps:
-        match = [c for c in run if (c["title"], c["anchor"], c["test"]) == key]
-        values.append(match[0]["bd"][method] if match else None)
-      signs = {_sign(v) for v in values}
-      held = (f"yes ({signs.pop()})" if len(signs) == 1 and None not in signs
-              else "no")
-      lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {method} | "
-                   + " | ".join(rd._fmt_bd(v) for v in values) + f" | {held} |")
+    for field, name, fmt in (("bd", "BD-rate", rd._fmt_bd),
+                             ("bdq", "BD-quality", rd._fmt_bdq)):
+      for method in rd.METHODS:
+        values = []
+        for run in comps:
+          match = [c for c in run if (c["title"], c["anchor"], c["test"]) == key]
+          values.append(match[0][field][method] if match else None)
+        signs = {_sign(v) for v in values}
+        held = (f"yes ({signs.pop()})" if len(signs) == 1 and None not in signs
+                else "no")
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {name} ({method}) | "
+                     + " | ".join(fmt(v) for v in values) + f" | {held} |")
   lines += ["", "## Checks", "",
             "| check | " + " | ".join(f"seed {s}" for s in seeds) + " |",
             "| --- | " + " | ".join("---" for _ in seeds) + " |"]

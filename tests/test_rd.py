@@ -52,6 +52,31 @@ def test_no_overlap_gives_none():
   assert rd.bd_rate([1], [30], [1, 2], [30, 31]) is None
 
 
+@pytest.mark.parametrize("method", rd.METHODS)
+def test_bd_quality_of_shifted_curves(method):
+  # A constant +1.5 dB at every rate is +1.5 dB whatever the fit.
+  up = [q + 1.5 for q in PSNR]
+  assert rd.bd_quality(RATES, PSNR, RATES, up, method) == pytest.approx(1.5, abs=1e-9)
+  assert rd.bd_quality(RATES, PSNR, RATES, PSNR, method) == pytest.approx(0.0, abs=1e-9)
+  # Quality linear in log2(rate), 2 dB per doubling: the same curve at half
+  # the rate is 2 dB better at equal rate.
+  rates, q = [1, 2, 4, 8], [30, 32, 34, 36]
+  half = [r / 2 for r in rates]
+  assert rd.bd_quality(rates, q, half, q, method) == pytest.approx(2.0, abs=1e-6)
+
+
+def test_bd_quality_where_bd_rate_has_no_overlap():
+  # The test better than the anchor at every rate by more than the anchor's
+  # whole quality range: no BD-rate, a BD-quality.
+  rates = [1, 2, 4]
+  assert rd.bd_rate(rates, [30, 31, 32], rates, [33, 34, 35]) is None
+  assert rd.bd_quality(rates, [30, 31, 32], rates, [33, 34, 35]) == pytest.approx(3.0)
+  # Rate ranges apart: none.
+  assert rd.bd_quality([1, 2], [30, 31], [4, 8], [30, 31]) is None
+  with pytest.raises(ValueError, match="positive"):
+    rd.bd_quality([0, 1], [30, 31], [1, 2], [30, 31])
+
+
 def test_bad_input_is_refused():
   with pytest.raises(ValueError, match="positive"):
     rd.bd_rate([0, 1], [30, 31], [1, 2], [30, 31])
@@ -83,6 +108,7 @@ def test_report_writes_table_and_plots(tmp_path):
   assert (tmp_path / "bd_rate.md").read_text() == text
   row = next(l for l in text.splitlines() if l.startswith("| base task"))
   assert "-20.00%" in row  # proposal needs 80% of the baseline's base rate
+  assert row.count("no overlap") == 0 and len(row.split("|")) == 10
   for name in ("rd_base_task.png", "rd_base_reconstruction.png", "rd_enhancement.png"):
     assert (tmp_path / name).stat().st_size > 1000
 

@@ -44,8 +44,16 @@ def _write(path, records, seed):
 
 def test_checks_hold_on_a_well_behaved_sweep():
   results = seeds.checks(_records())
-  assert len(results) == 12  # 3 references, 7 curves, mechanism, finite
+  assert len(results) == 13  # 3 references, 7 curves, mechanism, 2 finite
   assert all(held for _, held, _ in results), results
+
+
+def test_a_proposal_better_at_every_rate_has_a_bd_quality_only():
+  """Base reconstruction ranges 3 dB apart do not overlap: no BD-rate, but a
+  BD-quality."""
+  held = {what: ok for what, ok, _ in seeds.checks(_records(recon_gain=3.0))}
+  assert held["every BD-rate is a finite number"] is False
+  assert held["every comparison has a finite BD-rate or BD-quality"] is True
 
 
 def test_each_check_fails_on_its_own_defect():
@@ -91,10 +99,12 @@ def test_report_gives_every_seed_and_whether_signs_held(tmp_path, capsys):
   assert capsys.readouterr().out == text
   rows = [l for l in text.splitlines() if l.startswith("| enhancement: PSNR "
                                                       "(dB) vs total bpp (base")]
-  assert len(rows) == 2 and all(r.endswith("| no |") for r in rows)
+  assert len(rows) == 4 and all(r.endswith("| no |") for r in rows)
   recon = [l for l in text.splitlines()
            if l.startswith("| reconstruction from the base")]
-  assert len(recon) == 2 and all(r.endswith("| yes (-) |") for r in recon)
+  assert len(recon) == 4
+  assert all(r.endswith("| yes (-) |") for r in recon if "BD-rate" in r)
+  assert all(r.endswith("| yes (+) |") for r in recon if "BD-quality" in r)
   assert "seed 0" in text and "seed 1" in text
   assert "**missed**" in text  # seed 1's enhancement falls under 22 dB
 
