@@ -12,11 +12,11 @@ Each trained model is evaluated on the validation split and becomes one
 record of results.json; rd.py then writes bd_rate.md and the RD plots, and
 previews/ gets the outputs of the first validation images.
 
-With train.base_pretrain_steps > 0 (the :synthetic demo), every base model
-starts from one shared model (stage base_pretrain: beta 0, the first alpha)
-and fine-tunes it for train.base_steps at train.finetune_lr_scale times the
-learning rate: baseline and proposal, and the alphas, differ only in their
-own steps, as models from one pre-trained backbone do.
+With train.base_pretrain_steps > 0 (the :synthetic demo), each method first
+trains one start at the first alpha (stage base_start_METHOD_alphaA, that
+many steps), and each of its base models fine-tunes that start for
+train.base_steps at train.finetune_lr_scale times the learning rate: a warm
+start per method, the same number of steps for every model.
 
 Stages live in WORKDIR/stages/NAME (tcr_jax/train.py); running the same
 command again skips finished stages and resumes the one in progress.
@@ -93,25 +93,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     records.append(reference)
     train.log("trivial references: " + train._fmt(reference))
   previews = []
-  base_start = {}  # init and lr_scale of every base model (none: from scratch)
+  starts = {}  # method -> the start its base models fine-tune (none: scratch)
   if c.train.base_pretrain_steps > 0:
-    # One shared start for every base model, trained as a baseline (beta 0)
-    # at the first alpha: each base model then fine-tunes it for
-    # train.base_steps, so no model gets more steps than another.
-    pstage = train.Stage("base_pretrain", "base", c.train.base_pretrain_steps,
-                         {"alpha": c.sweep.alphas[0], "beta": 0.0})
-    shared, _ = train.run_stage(exp, pstage, writer_factory)
-    base_start = {"init": shared}
+    # Each method trains one start at the first alpha; every base model of
+    # the method, that alpha's too, fine-tunes it for train.base_steps, so
+    # every base model gets the same number of steps.
+    for method in c.sweep.methods:
+      pstage = train.Stage(stage_name("base_start", method, c.sweep.alphas[0]),
+                           "base", c.train.base_pretrain_steps,
+                           {"alpha": c.sweep.alphas[0], "beta": _beta(c, method),
+                            "lr_scale": 1.0})  # the fine-tunes' hp keys
+      starts[method], _ = train.run_stage(exp, pstage, writer_factory)
 
   for alpha in c.sweep.alphas:
     alpha_e = alpha * c.sweep.enhancement_alpha_scale
     for method in c.sweep.methods:
-      beta = 0.0 if method == "baseline" else c.sweep.beta
+      beta = _beta(c, method)
       hp = {"alpha": alpha, "beta": beta}
-      if base_start:
+      start = {}
+      if method in starts:
         hp["lr_scale"] = c.train.finetune_lr_scale
+        start = {"init": starts[method]}
       bstage = train.Stage(stage_name("base", method, alpha), "base",
-                           c.train.base_steps, hp, **base_start)
+                           c.train.base_steps, hp, **start)
       base_vars, bm = train.run_stage(exp, bstage, writer_factory)
       records.append(record(c, "base", method, alpha, beta, bm))
       estage = train.Stage(stage_name("enhancement", method, alpha),
@@ -149,6 +153,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     print("RD plots: " + ", ".join(os.path.join(workdir, f) for f in plots))
     print(f"previews: {os.path.join(workdir, 'previews')}/", flush=True)
   return records
+
+
+def _beta(c, method: str) -> float:
+  return 0.0 if method == "baseline" else c.sweep.beta
 
 
 def reference_record(c, exp: train.Experiment) -> dict | None:

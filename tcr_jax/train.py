@@ -412,8 +412,8 @@ def _train(exp: Experiment, stage: Stage, state: TrainState, mngr, writer
   if stopped(s0):
     return s0
   s = s0
-  for step in range(s0, stage.steps):
-    batch = exp.loader.train_batch(stage.name, step)
+  batches = exp.loader.train_batches(stage.name, s0, stage.steps)
+  for step, batch in zip(range(s0, stage.steps), batches):
     state, metrics = step_fn(state, batch, hp, stage.frozen)
     s = step + 1
     last = s == stage.steps
@@ -440,6 +440,7 @@ def _train(exp: Experiment, stage: Stage, state: TrainState, mngr, writer
       log(f"[{stage.name}] early stop at step {s}: no better validation "
           f"{select} in {patience} evaluations (best: step {mngr.best_step()})")
       break
+  batches.close()  # an early stop leaves batches made ahead: drop them
   writer.flush()
   return s
 

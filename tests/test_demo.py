@@ -87,7 +87,7 @@ def test_schedule_scales_the_update():
 
 
 @pytest.mark.slow
-def test_every_base_model_fine_tunes_the_shared_start(tmp_path, configs):
+def test_every_base_model_fine_tunes_its_methods_start(tmp_path, configs):
   c = configs.smoke(**{"sweep.standalone": False, "train.base_pretrain_steps": 2,
                        "train.base_steps": 1, "train.finetune_lr_scale": 0.5,
                        "train.enhancement_steps": 1,
@@ -106,16 +106,24 @@ def test_every_base_model_fine_tunes_the_shared_start(tmp_path, configs):
   def params(stage):
     return checkpoints.load_variables(str(tmp_path / "stages" / stage), template)["params"]
 
-  shared = params("base_pretrain")
   # One Adam step moves no parameter by more than the learning rate; models
   # started elsewhere would differ by the scale of their initialisation.
   bound = c.train.learning_rate * c.train.finetune_lr_scale * (1 + 1e-3)
+  starts = {m: params(sweep.stage_name("base_start", m, c.sweep.alphas[0]))
+            for m in c.sweep.methods}
+
+  def distance(a, b):
+    return max(jax.tree.leaves(jax.tree.map(
+        lambda u, v: float(jnp.max(jnp.abs(u - v))), a, b)))
+
   for method in c.sweep.methods:
+    other = next(m for m in c.sweep.methods if m != method)
     for alpha in c.sweep.alphas:
       p = params(sweep.stage_name("base", method, alpha))
-      moved = max(jax.tree.leaves(jax.tree.map(
-          lambda a, b: float(jnp.max(jnp.abs(a - b))), p, shared)))
+      moved = distance(p, starts[method])
       assert 0 < moved <= bound, (method, alpha, moved)
+      # Not the other method's start: each method trained its own.
+      assert distance(p, starts[other]) > bound, (method, alpha)
 
 
 def test_bad_pretrain_fields_are_refused(configs):
