@@ -10,7 +10,7 @@ import pytest
 
 nbformat = pytest.importorskip("nbformat")
 
-NOTEBOOKS = ("quickstart",)
+NOTEBOOKS = ("quickstart", "bitstreams")
 REPO_URL = "https://github.com/tcr-jax/tcr_jax"
 
 
@@ -89,4 +89,19 @@ def _quickstart(nb, text):
   assert re.search(r"^data\.height +64 +1024$", text, re.M)
 
 
-CHECKS = {"quickstart": _quickstart}
+def _bitstreams(nb, text):
+  assert _figures(nb) >= 2  # bits per stream, the decoded pictures
+  for stream in ("hyper", "base", "enhancement"):
+    bits, estimate = re.search(
+        rf"^{stream} +(\d+) bits in the file, +([\d.]+) estimated", text, re.M).groups()
+    assert int(bits) > 0 and float(estimate) > 0
+  assert "latents decoded with the base model only: ['y_base']" in text
+  assert "base latent decoded exactly: True" in text
+  assert "enhancement latent decoded exactly: True" in text
+  assert "same input, same model: same bytes: True" in text
+  assert re.search(r"^tcr-jax decompress: error: .+$", text, re.M)
+  assert "error lines: 1" in text and "wrote anything: False" in text
+  assert int(re.search(r"exit code: (\d+)", text).group(1)) != 0
+
+
+CHECKS = {"quickstart": _quickstart, "bitstreams": _bitstreams}
