@@ -10,7 +10,7 @@ import pytest
 
 nbformat = pytest.importorskip("nbformat")
 
-NOTEBOOKS = ("quickstart", "bitstreams")
+NOTEBOOKS = ("quickstart", "bitstreams", "accelerators")
 REPO_URL = "https://github.com/tcr-jax/tcr_jax"
 
 
@@ -104,4 +104,14 @@ def _bitstreams(nb, text):
   assert int(re.search(r"exit code: (\d+)", text).group(1)) != 0
 
 
-CHECKS = {"quickstart": _quickstart, "bitstreams": _bitstreams}
+def _accelerators(nb, text):
+  assert _figures(nb) >= 1
+  assert "backend: cpu" in text and "On a GPU or TPU this times" in text
+  rate = float(re.search(r"on cpu: ([\d.]+) images/s", text).group(1))
+  assert rate > 0
+  for kind in ("hyperprior", "checkerboard", "context"):
+    assert re.search(rf"{kind}: encode +[\d.]+ ms, decode +[\d.]+ ms", text)
+
+
+CHECKS = {"quickstart": _quickstart, "bitstreams": _bitstreams,
+          "accelerators": _accelerators}
