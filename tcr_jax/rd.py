@@ -270,35 +270,56 @@ def _reference_lines(records) -> list[str]:
 
 
 def _plots(records, comps, workdir, experiment):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from matplotlib.figure import Figure
+  for plot, cs in _by_plot(comps).items():
+    fig = Figure(figsize=(5, 3.6))
+    _draw_curves(fig.add_subplot(), cs, records, experiment)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, plot), dpi=110)
+
+
+def _by_plot(comps) -> dict[str, list[dict]]:
   by_plot: dict[str, list[dict]] = {}
   for c in comps:
     by_plot.setdefault(c["plot"], []).append(c)
-  for plot, cs in by_plot.items():
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    drawn = set()
-    for c in cs:
-      for method, (r, q) in ((c["anchor"], c["anchor_curve"]),
-                             (c["test"], c["test_curve"])):
-        if method in drawn:
-          continue
-        drawn.add(method)
-        ax.plot(r, q, "o-", label=method)
-    ref = next((r for r in records if r.get("layer") == "reference"), {})
-    for key, label, model_key, _ in _REFERENCES:
-      if model_key == cs[0]["key"] and ref.get(key) is not None and key != "constant_disparity_rmse":
-        ax.axhline(ref[key], color="grey", ls="--", lw=1, label=label.split(" predicting ")[-1]
-                   .replace("PSNR (dB) of the ", ""))
-    ax.set_xlabel("bpp" + (" (base + enhancement)" if cs[0]["layer"] == "enhancement" else " (base)"))
-    ax.set_ylabel(cs[0]["key"].replace("_", " "))
-    ax.set_title(f"{experiment}: {cs[0]['title'].split(':')[0]}", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, plot), dpi=110)
-    plt.close(fig)
+  return by_plot
+
+
+def _draw_curves(ax, cs, records, experiment) -> None:
+  """One RD plot: every method of the comparisons `cs`, and the trivial
+  references of their quality."""
+  drawn = set()
+  for c in cs:
+    for method, (r, q) in ((c["anchor"], c["anchor_curve"]),
+                           (c["test"], c["test_curve"])):
+      if method in drawn:
+        continue
+      drawn.add(method)
+      ax.plot(r, q, "o-", label=method)
+  ref = next((r for r in records if r.get("layer") == "reference"), {})
+  for key, label, model_key, _ in _REFERENCES:
+    if model_key == cs[0]["key"] and ref.get(key) is not None and key != "constant_disparity_rmse":
+      ax.axhline(ref[key], color="grey", ls="--", lw=1, label=label.split(" predicting ")[-1]
+                 .replace("PSNR (dB) of the ", ""))
+  ax.set_xlabel("bpp" + (" (base + enhancement)" if cs[0]["layer"] == "enhancement" else " (base)"))
+  ax.set_ylabel(cs[0]["key"].replace("_", " "))
+  ax.set_title(f"{experiment}: {cs[0]['title'].split(':')[0]}", fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+
+
+def rd_figure(records: list[dict], experiment: str = ""):
+  """The RD plots of write_report side by side in one matplotlib Figure
+  (one panel per plot, in the order of `comparisons`), for notebooks: it
+  is built without pyplot, so no backend is switched; show it with
+  IPython's display()."""
+  from matplotlib.figure import Figure
+  by_plot = _by_plot(comparisons(records))
+  fig = Figure(figsize=(5 * max(len(by_plot), 1), 3.8))
+  for i, cs in enumerate(by_plot.values()):
+    _draw_curves(fig.add_subplot(1, len(by_plot), i + 1), cs, records, experiment)
+  fig.tight_layout()
+  return fig
 
 
 def save_preview(path: str, base_out: dict, enh_out: dict, task: str) -> None:

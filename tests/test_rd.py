@@ -113,6 +113,20 @@ def test_report_writes_table_and_plots(tmp_path):
     assert (tmp_path / name).stat().st_size > 1000
 
 
+
+def test_rd_figure_draws_the_report_plots_side_by_side():
+  import matplotlib
+  backend = matplotlib.get_backend()
+  fig = rd.rd_figure(_records(), "x")
+  assert matplotlib.get_backend() == backend  # no backend switch (notebooks)
+  axes = fig.get_axes()
+  assert [ax.get_title() for ax in axes] == [
+      "x: base task", "x: reconstruction from the base", "x: enhancement"]
+  labels = [sorted(line.get_label() for line in ax.get_lines()) for ax in axes]
+  assert labels == [["baseline", "proposal"]] * 2 + [["baseline", "proposal", "standalone"]]
+  base_task = {l.get_label(): l.get_xydata() for l in axes[0].get_lines()}
+  assert base_task["proposal"][:, 1].tolist() == [7.0, 6.0, 5.0]  # sorted by rate
+
 # Four points per curve where the test's first three qualities lie within
 # 0.09 dB: its cubic fit of log-rate shoots far beyond float range over the
 # overlap (one such pair in about 800 random ones).
