@@ -110,6 +110,25 @@ def test_loader_batches_are_deterministic_and_resumable(data_dir):
   assert loader.reads == {"train": 3 * 4 + 4, "validation": 0}
 
 
+def test_batches_made_ahead_are_the_batches_made_one_by_one(data_dir):
+  config = make_config(data_dir)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  one_by_one = [Loader(config, mesh).train_batch("s", step) for step in range(2, 6)]
+  loader = Loader(config, mesh)
+  ahead = list(loader.train_batches("s", 2, 6))
+  assert len(ahead) == 4
+  for want, got in zip(one_by_one, ahead):
+    for k in want:
+      np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]))
+  assert loader.reads["train"] == 4 * 4
+  # Stopping early (an early stop) leaves at most two batches made ahead.
+  early = Loader(config, mesh)
+  batches = early.train_batches("s", 0, 100)
+  next(batches)
+  batches.close()
+  assert early.reads["train"] <= 3 * 4
+
+
 def test_process_shares_are_disjoint_and_augmented_alike(data_dir, monkeypatch):
   """2 processes read 3 + 2 of a batch of 5; together the very batch (and
   augmentation) one process reads alone."""
