@@ -80,8 +80,9 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int,
 class DepthwiseConv(nn.Module):
   """A bias-free depthwise convolution with nn.Conv's variables (params:
   kernel (k, k, 1, C)), so checkpoints and the torchvision import do not
-  see the difference. On CPU it runs as shifted windows (depthwise_conv),
-  elsewhere as lax's grouped convolution (cuDNN's, XLA:TPU's kernels).
+  see the difference. On CPU in one process it runs as shifted windows
+  (depthwise_conv), elsewhere as lax's grouped convolution (cuDNN's,
+  XLA:TPU's kernels).
   """
   features: int
   kernel: int
@@ -97,8 +98,12 @@ class DepthwiseConv(nn.Module):
                        "input channels")
     w = self.param("kernel", self.kernel_init,
                    (self.kernel, self.kernel, 1, self.features), jnp.float32)
+    # Shifts compile about three times longer; with several CPU processes
+    # (tests, a laptop trying the multi-host path) one process compiling
+    # far behind another outlasts the CPU collectives' 30 s rendezvous.
+    shifts = jax.default_backend() == "cpu" and jax.process_count() == 1
     return depthwise_conv(x, w, self.stride, self.dilation, self.padding,
-                          shifts=jax.default_backend() == "cpu")
+                          shifts=shifts)
 
 
 class BatchNorm(nn.Module):
