@@ -262,3 +262,16 @@ def _write_coco_zips(root, drop: tuple[str, ...] = ()) -> dict:
 class FAKE_COCO:  # noqa: N801 (a namespace)
   IMAGES = _COCO_IMAGES
   write_zips = staticmethod(_write_coco_zips)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_compiled_programs():
+  """Each test file's compiled programs go when it ends: `make test` runs
+  two workers on a 24 GiB machine, and a worker otherwise keeps every
+  program it ever compiled (the disk cache above keeps them for reuse)."""
+  yield
+  import gc
+  import sys
+  if "jax" in sys.modules:
+    sys.modules["jax"].clear_caches()
+  gc.collect()
