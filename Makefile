@@ -5,7 +5,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= out/demo
 PYTEST_ARGS ?=
+TEST_MARKS ?=
 TEST_WORKERS ?= 2
+ifeq ($(strip $(TEST_MARKS)),)
+PARALLEL_MARKS := not serial
+SERIAL_MARKS := serial
+else
+PARALLEL_MARKS := ($(TEST_MARKS)) and not serial
+SERIAL_MARKS := ($(TEST_MARKS)) and serial
+endif
 
 .PHONY: demo test install clean
 
@@ -30,10 +38,11 @@ demo: $(VENV)/.installed-base
 # one of them, so its module fixtures are built once); then, alone, the
 # tests marked serial, whose processes meet at a rendezvous that load can
 # make them miss. Exit 5 (nothing selected) from one of the two is fine.
+# Select with TEST_MARKS (a marker expression) and PYTEST_ARGS (e.g. -k).
 test: $(VENV)/.installed-test
 	@JAX_PLATFORMS=cpu $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile \
-	  -m "not serial" $(PYTEST_ARGS); a=$$?; \
-	JAX_PLATFORMS=cpu $(PY) -m pytest -q -m serial $(PYTEST_ARGS); b=$$?; \
+	  -m "$(PARALLEL_MARKS)" $(PYTEST_ARGS); a=$$?; \
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -m "$(SERIAL_MARKS)" $(PYTEST_ARGS); b=$$?; \
 	echo "make test: parallel part exit $$a, serial part exit $$b"; \
 	case "$$a$$b" in 00|05|50) exit 0;; *) exit 1;; esac
 
