@@ -99,9 +99,12 @@ def experiment_config(experiment: str, enhancement_task: str,
   c.train.base_steps = 100_000
   c.train.enhancement_steps = 100_000
   # > 0: every base model fine-tunes one shared start trained this long
-  # (sweep.py), at finetune_lr_scale times the learning rate.
+  # (sweep.py), at finetune_lr_scale times the learning rate. With
+  # finetune_chain, each base model after the first alpha's fine-tunes the
+  # previous alpha's model of its method instead (warm starts down the rate).
   c.train.base_pretrain_steps = 0
   c.train.finetune_lr_scale = 1.0
+  c.train.finetune_chain = False
   c.train.lr_schedule = "constant"      # or "cosine" (decay to 0 per stage)
   c.train.base_grad_clip = 0.0          # 0: none (the authors')
   c.train.enhancement_grad_clip = 1.0

@@ -16,7 +16,10 @@ With train.base_pretrain_steps > 0 (the :synthetic demo), each method first
 trains one start at the first alpha (stage base_start_METHOD_alphaA, that
 many steps), and each of its base models fine-tunes that start for
 train.base_steps at train.finetune_lr_scale times the learning rate: a warm
-start per method, the same number of steps for every model.
+start per method, the same number of steps for every model. With
+train.finetune_chain, only the first alpha's model fine-tunes the start, and
+each later one the model of the alpha before it (each lower-rate model warm
+starts from the next higher-rate one).
 
 Stages live in WORKDIR/stages/NAME (tcr_jax/train.py); running the same
 command again skips finished stages and resumes the one in progress.
@@ -117,6 +120,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       bstage = train.Stage(stage_name("base", method, alpha), "base",
                            c.train.base_steps, hp, **start)
       base_vars, bm = train.run_stage(exp, bstage, writer_factory)
+      if method in starts and c.train.finetune_chain:
+        starts[method] = base_vars
       records.append(record(c, "base", method, alpha, beta, bm))
       estage = train.Stage(stage_name("enhancement", method, alpha),
                            "enhancement", c.train.enhancement_steps,

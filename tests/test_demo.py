@@ -126,6 +126,33 @@ def test_every_base_model_fine_tunes_its_methods_start(tmp_path, configs):
       assert distance(p, starts[other]) > bound, (method, alpha)
 
 
+@pytest.mark.slow
+def test_chained_fine_tunes_start_from_the_previous_alpha(tmp_path, configs):
+  c = configs.smoke(**{"sweep.standalone": False, "sweep.methods": ("proposal",),
+                       "train.base_pretrain_steps": 2, "train.base_steps": 1,
+                       "train.finetune_lr_scale": 0.5, "train.finetune_chain": True,
+                       "train.enhancement_steps": 1})
+  c.sweep.alphas = (0.05, 0.2)
+  sweep.train_and_evaluate(c, str(tmp_path))
+  model = models.base_model(c)
+  x = jnp.zeros((1, c.data.height, c.data.width, 3))
+  template = jax.eval_shape(lambda k: model.init(k, x), jax.random.key(0))
+
+  def params(stage):
+    p = checkpoints.load_variables(str(tmp_path / "stages" / stage), template)["params"]
+    return jnp.concatenate([jnp.ravel(v) for v in jax.tree.leaves(p)])
+
+  step = c.train.learning_rate * c.train.finetune_lr_scale * (1 + 1e-3)
+  start = params(sweep.stage_name("base_start", "proposal", 0.05))
+  first = params(sweep.stage_name("base", "proposal", 0.05))
+  second = params(sweep.stage_name("base", "proposal", 0.2))
+  # One Adam step from the model before it; two from the start (a second
+  # model fine-tuning the start itself would be one step from it).
+  assert 0 < float(jnp.max(jnp.abs(first - start))) <= step
+  assert 0 < float(jnp.max(jnp.abs(second - first))) <= step
+  assert float(jnp.max(jnp.abs(second - start))) > step
+
+
 def test_bad_pretrain_fields_are_refused(configs):
   c = configs.load("depth_recon", "synthetic")
   with c.unlocked():
