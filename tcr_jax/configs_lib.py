@@ -106,6 +106,7 @@ def experiment_config(experiment: str, enhancement_task: str,
   c.train.finetune_lr_scale = 1.0
   c.train.finetune_chain = False
   c.train.lr_schedule = "constant"      # or "cosine" (decay to 0 per stage)
+  c.train.warmup_steps = 0              # linear warm-up at each stage's start
   c.train.base_grad_clip = 0.0          # 0: none (the authors')
   c.train.enhancement_grad_clip = 1.0
   c.train.log_every = 100
@@ -255,6 +256,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for name in ("base_patience", "enhancement_patience"):
     if c.train[name] < 0:
       raise UserError(f"config.train.{name} must be >= 0 (0: no early stopping)")
+  if c.train.get("warmup_steps", 0) < 0:
+    raise UserError("config.train.warmup_steps must be >= 0 (0: no warm-up)")
   if c.train.base_pretrain_steps < 0 or not c.train.finetune_lr_scale > 0:
     raise UserError("config.train.base_pretrain_steps must be >= 0 and "
                     "config.train.finetune_lr_scale > 0")

@@ -125,17 +125,23 @@ def enhancement_loss_fn(model: models.Enhancement, base: models.DepthBase,
 SCHEDULES = ("constant", "cosine")
 
 
-def learning_rate_scale(step, steps, schedule: str) -> jax.Array:
+def learning_rate_scale(step, steps, schedule: str, warmup: int = 0) -> jax.Array:
   """The factor on the configured learning rate at `step` of `steps`:
-  1 ("constant"), or a cosine decay from 1 to 0 over the stage ("cosine")."""
+  1 ("constant"), or a cosine decay from 1 to 0 over the stage ("cosine");
+  with `warmup` > 0, times a linear ramp from 1/warmup to 1 over the stage's
+  first `warmup` steps (a fresh Adam's first updates are as large as the
+  learning rate on every parameter)."""
+  ramp = (jnp.minimum(1.0, (step + 1.0) / warmup) if warmup > 0
+          else jnp.float32(1.0))
   if schedule == "constant":
-    return jnp.float32(1.0)
+    return ramp
   progress = jnp.clip(step / jnp.maximum(steps, 1.0), 0.0, 1.0)
-  return 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+  return ramp * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
 
 
 def train_step(state: TrainState, batch, hp, frozen, *, loss_fn: Callable,
-               schedule: str = "constant") -> tuple[TrainState, dict]:
+               schedule: str = "constant", warmup: int = 0
+               ) -> tuple[TrainState, dict]:
   """One update; hp["steps"] (the stage's length) drives the schedule and
   hp["lr_scale"] (default 1) scales the learning rate."""
   rng = jax.random.fold_in(state.rng, state.step)
@@ -147,7 +153,7 @@ def train_step(state: TrainState, batch, hp, frozen, *, loss_fn: Callable,
   (_, (metrics, batch_stats)), grads = jax.value_and_grad(
       differentiate, has_aux=True)(state.params)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-  scale = (learning_rate_scale(state.step, hp.get("steps", 1.0), schedule)
+  scale = (learning_rate_scale(state.step, hp.get("steps", 1.0), schedule, warmup)
            * hp.get("lr_scale", 1.0))
   updates = jax.tree.map(lambda u: u * scale, updates)
   state = state.replace(step=state.step + 1,
@@ -232,7 +238,8 @@ class Experiment:
     if (kind, trainable) not in self._steps:
       r, b = self.replicated, self.batch_sharding
       step = functools.partial(train_step, loss_fn=self.loss_fn(kind),
-                               schedule=self.config.train.lr_schedule)
+                               schedule=self.config.train.lr_schedule,
+                               warmup=self.config.train.warmup_steps)
       self._steps[kind, trainable] = jax.jit(
           step, in_shardings=(r, b, r, r), out_shardings=(r, r),
           donate_argnums=0)

@@ -64,6 +64,25 @@ def test_cosine_schedule_runs_from_one_to_zero():
   assert float(train.learning_rate_scale(jnp.float32(70), 100.0, "constant")) == 1.0
 
 
+def test_warmup_ramps_the_first_steps_then_follows_the_schedule():
+  s = lambda step, schedule: float(train.learning_rate_scale(
+      jnp.float32(step), 100.0, schedule, warmup=10))
+  assert s(0, "constant") == pytest.approx(0.1)
+  assert s(4, "constant") == pytest.approx(0.5)
+  assert s(9, "constant") == s(50, "constant") == 1.0
+  cosine = lambda step: float(train.learning_rate_scale(jnp.float32(step), 100.0, "cosine"))
+  assert s(0, "cosine") == pytest.approx(0.1 * cosine(0))
+  assert s(30, "cosine") == pytest.approx(cosine(30))
+
+
+def test_negative_warmup_is_a_one_line_error(configs):
+  from tcr_jax import configs_lib
+  from tcr_jax.errors import UserError
+  c = configs.smoke(**{"train.warmup_steps": -1})
+  with pytest.raises(UserError, match="warmup_steps"):
+    configs_lib.validate(c)
+
+
 def test_schedule_scales_the_update():
   """A plain-SGD state: the step taken is lr * scale * grad."""
   import optax
