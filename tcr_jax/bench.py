@@ -1,7 +1,8 @@
 """Benchmarks: python -m tcr_jax.bench train-step | codec | detection [options].
 
 train-step times one jitted training step (forward, backward, Adam) of the
-base model of --config (configs/detection_recon.py: the detection base,
+base model of --config, with --config.KEY=VALUE overrides as tcr_jax.main
+takes them (configs/detection_recon.py: the detection base,
 codec + Faster R-CNN, on random images with 8 random boxes each); for the
 depth configs the paper's depth base model: half-resolution codec (g_a, entropy model, g_s),
 LRASPP MobileNetV3-L depth head and the reconstruction decoder, the same
@@ -16,6 +17,7 @@ import argparse
 import json
 import sys
 import time
+from typing import Sequence
 
 
 def _peak_gib():
@@ -26,14 +28,17 @@ def _peak_gib():
 
 
 def train_step(config_spec: str, batch: int, height: int, width: int,
-               steps: int = 20, warmup: int = 3, dtype: str | None = None) -> dict:
+               steps: int = 20, warmup: int = 3, dtype: str | None = None,
+               overrides: Sequence[str] = ()) -> dict:
   """Times the depth base layer's training step, the one training runs
-  (tcr_jax.train.train_step with base_loss_fn, L_b), on random data."""
+  (tcr_jax.train.train_step with base_loss_fn, L_b), on random data;
+  overrides: --config.KEY=VALUE flags, as tcr_jax.main takes them."""
+  from tcr_jax import config_overrides, configs_lib
+  config = config_overrides.apply(configs_lib.load_config(config_spec), overrides)
   import functools
   import jax
   import jax.numpy as jnp
-  from tcr_jax import configs_lib, models, train
-  config = configs_lib.load_config(config_spec)
+  from tcr_jax import models, train
   with config.unlocked():
     if dtype:
       config.model.compute_dtype = dtype
@@ -75,7 +80,7 @@ def train_step(config_spec: str, batch: int, height: int, width: int,
     state, metrics = step(state, data, hp, None)
   jax.block_until_ready(metrics)
   dt = (time.perf_counter() - t) / steps
-  return {"impl": "tcr_jax", "config": config_spec,
+  return {"impl": "tcr_jax", "config": " ".join([config_spec, *overrides]),
           "dtype": config.model.compute_dtype,
           "entropy_model": config.entropy_model,
           "images_per_s": round(batch / dt, 2), "step_ms": round(dt * 1e3, 2),
@@ -89,7 +94,8 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m tcr_jax.bench")
   sub = p.add_subparsers(dest="what", required=True)
   s = sub.add_parser("train-step", help="time a base model's train step (depth or detection)")
-  s.add_argument("--config", default="configs/depth_recon.py")
+  s.add_argument("--config", default="configs/depth_recon.py",
+                 help="config file[:variant]; then --config.KEY=VALUE overrides")
   s.add_argument("--batch", type=int, default=10)
   s.add_argument("--height", type=int, default=1024)
   s.add_argument("--width", type=int, default=2048)
@@ -103,12 +109,15 @@ def main(argv=None) -> int:
   from tcr_jax import bench_detection
   bench_detection.add_arguments(sub.add_parser(
       "detection", help="time Faster R-CNN training and inference vs torchvision"))
-  a = p.parse_args(argv)
+  a, overrides = p.parse_known_args(argv)
+  if overrides and a.what != "train-step":
+    p.error(f"unrecognized arguments: {' '.join(overrides)}")
   from tcr_jax.errors import UserError
   try:
     if a.what == "train-step":
       print(json.dumps(train_step(a.config, a.batch, a.height, a.width,
-                                  a.steps, a.warmup, dtype=a.dtype)), flush=True)
+                                  a.steps, a.warmup, dtype=a.dtype,
+                                  overrides=overrides)), flush=True)
     elif a.what == "detection":
       for row in bench_detection.run(a):
         print(json.dumps(row), flush=True)

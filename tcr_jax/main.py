@@ -187,5 +187,6 @@ def _fail(message: str, code: int, multi_process: bool) -> None:
 
 
 if __name__ == "__main__":
+  from tcr_jax import config_overrides
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=config_overrides.flags_parser("tcr_jax.main"))

@@ -50,10 +50,10 @@ class Stage:
   """One model to train: what it is, its hyper-parameters and its inputs."""
   name: str
   kind: str              # "base" or "enhancement"
-  steps: int = 0
+  steps: int
   # alpha; beta (base); side_gate (1: the base latent is the side
   # information, 0: zeros) and base_rate (1: R_b counts in L_e) (enhancement)
-  hp: dict[str, float] = dataclasses.field(default_factory=dict)
+  hp: dict[str, float]
   frozen: PyTree = None  # the base variables, for an enhancement
   init: PyTree = None    # variables to start from (None: the kind's init)
   trainable: str = "all"  # or "entropy_model": the rest stays frozen
