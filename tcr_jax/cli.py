@@ -57,6 +57,17 @@ def _compare_seeds(args: argparse.Namespace) -> None:
   print(text, end="")
 
 
+def _probe(args: argparse.Namespace) -> None:
+  from tcr_jax import probe
+  split = lambda s: tuple(x for x in s.split(",") if x)
+  probe.probe_workdir(args.workdir, families=split(args.families),
+                      targets=split(args.targets), steps=args.steps,
+                      train_images=args.train_images, val_images=args.val_images,
+                      seed=args.seed, budget_check=args.budget_check)
+  import os
+  print(os.path.join(args.workdir, "v_information.md"))
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="tcr-jax",
@@ -99,6 +110,22 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("workdirs", nargs="+", help="workdirs of finished sweeps")
   s.add_argument("--output", default=None, help="markdown file to write")
   s.set_defaults(func=_compare_seeds)
+
+  s = sub.add_parser("probe", help="V-information of every trained base "
+                     "latent (docs/v_information.md)")
+  s.add_argument("workdir", help="workdir of a depth sweep")
+  s.add_argument("--families", default="linear,conv",
+                 help="comma-separated decoder families: linear, conv")
+  s.add_argument("--targets", default="image,disparity,labels",
+                 help="comma-separated targets: image, disparity, labels")
+  s.add_argument("--steps", type=int, default=600,
+                 help="training steps of each probe (batch 16)")
+  s.add_argument("--train-images", type=int, default=512)
+  s.add_argument("--val-images", type=int, default=128)
+  s.add_argument("--seed", type=int, default=0)
+  s.add_argument("--budget-check", action="store_true",
+                 help="also train each probe twice as long and record it")
+  s.set_defaults(func=_probe)
 
   s = sub.add_parser("compress", help="image -> .tcr file with a trained workdir")
   s.add_argument("--workdir", required=True, help="training workdir")

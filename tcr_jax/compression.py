@@ -33,7 +33,7 @@ from tcr_jax.errors import UserError
 MIN_SIDE = 32  # one latent cell of the base layer
 
 
-def _config(workdir: str):
+def workdir_config(workdir: str):
   import ml_collections
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
@@ -90,7 +90,7 @@ def load_models(workdir: str, checkpoint: str | None = None):
   (base stage, enhancement stage or None))."""
   import jax.numpy as jnp
   from tcr_jax import models
-  config = _config(workdir)
+  config = workdir_config(workdir)
   base_stage, enh_stage = _pick(workdir, checkpoint)
   base = models.base_model(config)
   x = jnp.zeros((1, 64, 64, 3))
@@ -179,7 +179,7 @@ def _estimated_bits(base, enh, rgb) -> dict[str, float]:
 def compress_file(workdir: str, input_path: str, output: str,
                   checkpoint: str | None = None) -> dict:
   from tcr_jax.codec import files
-  _config(workdir), _pick(workdir, checkpoint)  # cheap checks first
+  workdir_config(workdir), _pick(workdir, checkpoint)  # cheap checks first
   rgb = read_image(input_path)
   config, base, enh, stages = load_models(workdir, checkpoint)
   coded = None

@@ -195,3 +195,30 @@ def test_paper_config_without_data_says_what_to_run(tmp_path, configs):
     sweep.train_and_evaluate(config, str(tmp_path))
   with pytest.raises(UserError, match="variant"):
     configs.load("depth_seg", "tiny")
+
+
+@pytest.mark.slow
+def test_probe_writes_a_record_per_base_target_and_family(smoke_run, capsys):
+  """`tcr-jax probe` on the trained :smoke workdir (tcr_jax/probe.py)."""
+  from tcr_jax import cli
+  workdir, records, _ = smoke_run
+  argv = ["probe", workdir, "--steps", "4", "--train-images", "8",
+          "--val-images", "4"]
+  assert cli.main(argv) == 0
+  with open(os.path.join(workdir, "v_information.json")) as f:
+    probes = json.load(f)
+  bases = {(r["method"], r["alpha"]) for r in records if r["layer"] == "base"}
+  keys = {(r["method"], r["alpha"], r["target"], r["family"]) for r in probes}
+  assert keys == {(m, a, t, f) for m, a in bases
+                  for t in ("image", "disparity", "labels")
+                  for f in ("linear", "conv")}
+  for r in probes:
+    assert r["interval"][0] <= r["bits"] <= r["interval"][1]
+    assert r["bits"] == pytest.approx(r["h_empty"] - r["h_given"], abs=1e-6)
+    assert r["train_images"] == 8 and r["val_images"] <= 4
+    assert r["bpp_base"] is not None
+  assert os.path.exists(os.path.join(workdir, "vinfo_image.png"))
+  # A rerun of one target replaces its records and keeps the others.
+  assert cli.main(argv + ["--targets", "image", "--families", "linear"]) == 0
+  with open(os.path.join(workdir, "v_information.json")) as f:
+    assert len(json.load(f)) == len(probes)
