@@ -149,6 +149,7 @@ def main(argv):
     sys.exit(_supervise(args, _WORKDIR.value or os.path.join(
         "workdirs", f"{config.experiment}_{config.variant}")))
   import jax
+  _use_compilation_cache(jax)
   if args is not None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**args,
@@ -172,6 +173,20 @@ def main(argv):
           f"{jax.process_count()} stopped: {type(e).__name__}: {first} (did "
           "another process die? checkpoints of finished steps are kept; run "
           "the same command on every process to resume)", 3, True)
+
+
+def _use_compilation_cache(jax) -> None:
+  """JAX's persistent compilation cache, so that a second run (a resumed or
+  repeated sweep, `make demo` again) loads its programs instead of compiling
+  them: $JAX_COMPILATION_CACHE_DIR when set, else ~/.cache/tcr_jax/jax
+  ($XDG_CACHE_HOME respected); TCR_JAX_COMPILATION_CACHE=0 turns it off."""
+  if os.environ.get("TCR_JAX_COMPILATION_CACHE", "1") == "0":
+    return
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".cache")
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.join(base, "tcr_jax", "jax"))
 
 
 def _fail(message: str, code: int, multi_process: bool) -> None:
