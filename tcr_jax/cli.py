@@ -63,7 +63,8 @@ def _probe(args: argparse.Namespace) -> None:
   probe.probe_workdir(args.workdir, families=split(args.families),
                       targets=split(args.targets), steps=args.steps,
                       train_images=args.train_images, val_images=args.val_images,
-                      seed=args.seed, budget_check=args.budget_check)
+                      seed=args.seed, budget_check=args.budget_check,
+                      stages=split(args.stages), learning_rate=args.learning_rate)
   import os
   print(os.path.join(args.workdir, "v_information.md"))
 
@@ -118,11 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
                  help="comma-separated decoder families: linear, conv")
   s.add_argument("--targets", default="image,disparity,labels",
                  help="comma-separated targets: image, disparity, labels")
-  s.add_argument("--steps", type=int, default=600,
+  s.add_argument("--steps", type=int, default=500,
                  help="training steps of each probe (batch 16)")
   s.add_argument("--train-images", type=int, default=512)
   s.add_argument("--val-images", type=int, default=128)
   s.add_argument("--seed", type=int, default=0)
+  s.add_argument("--learning-rate", type=float, default=3e-3,
+                 help="Adam's learning rate for the probes")
+  s.add_argument("--stages", default="",
+                 help="comma-separated base stages (default: every finished one)")
   s.add_argument("--budget-check", action="store_true",
                  help="also train each probe twice as long and record it")
   s.set_defaults(func=_probe)

@@ -95,9 +95,9 @@ def load_records(workdir: str) -> list[dict]:
 
 
 def probe_workdir(workdir: str, *, families=v_information.FAMILIES,
-                  targets=TARGETS, steps: int = 600, train_images: int = 512,
+                  targets=TARGETS, steps: int = 500, train_images: int = 512,
                   val_images: int = 128, seed: int = 0, budget_check: bool = False,
-                  log=print) -> list[dict]:
+                  stages=(), learning_rate: float = 3e-3, log=print) -> list[dict]:
   """Measures and writes the records of every base model; returns them all
   (the file's, updated)."""
   from tcr_jax import compression, data
@@ -112,10 +112,15 @@ def probe_workdir(workdir: str, *, families=v_information.FAMILIES,
   bad = sorted(set(targets) - set(TARGETS))
   if bad:
     raise UserError(f"unknown target {bad[0]!r}; choose from {', '.join(TARGETS)}")
-  stages = base_stages(workdir)
-  if not stages:
+  finished = base_stages(workdir)
+  if not finished:
     raise UserError(f"no finished base models in {workdir}/stages; train with "
                     "python -m tcr_jax.main first")
+  missing = [s for s in stages if s not in finished]
+  if missing:
+    raise UserError(f"no finished base model {missing[0]!r} in {workdir}; "
+                    f"choose from {', '.join(finished)}")
+  stages = [s for s in finished if s in stages] if stages else finished
   if steps < 1 or train_images < 2 or val_images < 1:
     raise UserError("--steps and --val-images must be >= 1, --train-images >= 2")
   t0 = time.time()
@@ -138,24 +143,31 @@ def probe_workdir(workdir: str, *, families=v_information.FAMILIES,
     res = results.get(stage, {})
     for family in families:
       for tt, tv in zip(train_t, val_t):
-        r = v_information.estimate(family, y_train, tt, y_val, tv,
-                                   steps=steps, seed=seed)
+        r = v_information.estimate(family, y_train, tt, y_val, tv, steps=steps,
+                                   seed=seed, learning_rate=learning_rate)
         if budget_check:
           r2 = v_information.estimate(family, y_train, tt, y_val, tv,
-                                      steps=2 * steps, seed=seed)
+                                      steps=2 * steps, seed=seed,
+                                      learning_rate=learning_rate)
           r["bits_at_twice_the_steps"] = r2["bits"]
         records[stage, tt.name, family] = {
             "stage": stage, "method": method, "alpha": float(alpha),
             "bpp_base": res.get("bpp_base"), "depth_rmse": res.get("depth_rmse"),
             "psnr_from_base": res.get("psnr_from_base"), **r}
+    _write(workdir, records)  # after each base model: a stopped run keeps them
     log(f"probe: {stage}: " + ", ".join(
         f"{t.name}/{f} {records[stage, t.name, f]['bits']:.3f}"
         for f in families for t in train_t) + f" bits ({time.time() - t_stage:.0f}s)")
+  out = _write(workdir, records)
+  write_report(out, workdir, _reference_psnr(workdir))
+  return out
+
+
+def _write(workdir: str, records: dict) -> list[dict]:
+  from tcr_jax import checkpoints
   out = sorted(records.values(), key=lambda r: (r["target"], r["family"],
                                                  r["method"], r["alpha"]))
-  from tcr_jax import checkpoints
   checkpoints.write_json(os.path.join(workdir, RESULTS), out)
-  write_report(out, workdir, _reference_psnr(workdir))
   return out
 
 

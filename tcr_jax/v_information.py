@@ -25,8 +25,9 @@ training starts there:
 
 Families (`FAMILIES`): "linear", a 1x1 readout of each latent cell into the
 s x s patch of target pixels it covers (depth_to_space: a linear decoder);
-"conv", a small synthesis transform (sub-pixel transposed 5x5 convolutions,
-one per x2, ELU) with a 1x1 readout at the target's resolution.
+"conv", a small synthesis transform (a 3x3 convolution, then sub-pixel
+transposed 5x5 convolutions, one per x2 but the last, 16 channels, ELU) with
+the linear readout of the last x2.
 
 The estimate: fit on the training images (a hold-out part of them picks the
 step: the family starts at f[0], so a latent that carries nothing leaves
@@ -89,8 +90,9 @@ class LinearReadout(nn.Module):
 
 
 class ConvReadout(nn.Module):
-  """A small synthesis transform: one sub-pixel transposed 5x5 conv per x2
-  (ELU after each), then a zero-initialised 1x1 readout."""
+  """A small synthesis transform: a 3x3 conv, one sub-pixel transposed 5x5
+  conv per x2 but the last (ELU after each), then the linear readout of
+  each cell into its 2 x 2 output pixels (zero-initialised)."""
   channels: int
   factor: int
   width: int = 16
@@ -98,9 +100,9 @@ class ConvReadout(nn.Module):
   @nn.compact
   def __call__(self, y):
     x = nn.elu(layers.conv(self.width, 3)(y))
-    for _ in range(int(round(math.log2(self.factor)))):
+    for _ in range(int(round(math.log2(self.factor))) - 1):
       x = nn.elu(layers.SubpixelConvTranspose(self.width)(x))
-    return nn.Dense(self.channels, kernel_init=nn.initializers.zeros)(x)
+    return LinearReadout(self.channels, min(2, self.factor))(x)
 
 
 class Probe(nn.Module):
@@ -206,9 +208,11 @@ def make_probe(family: str, t: Target, latent_shape) -> Probe:
 
 
 @functools.lru_cache(maxsize=None)
-def _adam(learning_rate: float):
-  """One optimizer object per rate: the jitted step takes it as static."""
-  return optax.adam(learning_rate)
+def _adam(learning_rate: float, steps: int):
+  """Adam with a cosine decay to 0 over the fit (so that a fit ends
+  converged rather than wherever a constant rate's noise leaves it); one
+  object per (rate, steps): the jitted step takes it as static."""
+  return optax.adam(optax.cosine_decay_schedule(learning_rate, steps))
 
 
 def fit(family: str, latents: np.ndarray, t: Target, *, steps: int,
@@ -226,7 +230,7 @@ def fit(family: str, latents: np.ndarray, t: Target, *, steps: int,
   empty = {**jax.tree.map(jnp.zeros_like, params),
            **jax.tree.map(jnp.asarray, empty_member(t_fit))}
   params = {**params, **{k: empty[k] for k in ("offset", "log_var")}}
-  tx = _adam(learning_rate)
+  tx = _adam(learning_rate, steps)
   opt_state = tx.init(params)
   rng = np.random.default_rng(seed)
   y_hold = latents[hold_idx]
@@ -301,4 +305,5 @@ def estimate(family: str, train_latents: np.ndarray, train: Target,
           "floor_bits": (float(0.5 * math.log2(2 * math.pi * math.e / 12.0))
                          if val.kind != "categorical" else 0.0),
           "steps": steps, "best_step": empty["best_step"], "seed": seed,
+          "learning_rate": fit_args.get("learning_rate", 3e-3),
           "train_images": len(train_latents), "val_images": int(keep.sum())}
