@@ -69,6 +69,11 @@ def _probe(args: argparse.Namespace) -> None:
   print(os.path.join(args.workdir, "v_information.md"))
 
 
+def _side_information(args: argparse.Namespace) -> None:
+  from tcr_jax import side_information
+  side_information.report(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="tcr-jax",
@@ -124,13 +129,23 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--train-images", type=int, default=512)
   s.add_argument("--val-images", type=int, default=128)
   s.add_argument("--seed", type=int, default=0)
-  s.add_argument("--learning-rate", type=float, default=3e-3,
-                 help="Adam's learning rate for the probes")
+  s.add_argument("--learning-rate", type=float, default=None,
+                 help="Adam's peak learning rate (default: 3e-3 for the image "
+                      "and disparity, 0.1 for the labels)")
   s.add_argument("--stages", default="",
                  help="comma-separated base stages (default: every finished one)")
   s.add_argument("--budget-check", action="store_true",
                  help="also train each probe twice as long and record it")
   s.set_defaults(func=_probe)
+
+  s = sub.add_parser("side-information", help="per channel, how much each "
+                     "conditional enhancement's entropy model gains from Y_b")
+  s.add_argument("workdir", help="workdir of a finished sweep")
+  s.add_argument("--images", type=int, default=64)
+  s.add_argument("--batch", type=int, default=32)
+  s.add_argument("--channels", action="store_true",
+                 help="also print per-channel tables")
+  s.set_defaults(func=_side_information)
 
   s = sub.add_parser("compress", help="image -> .tcr file with a trained workdir")
   s.add_argument("--workdir", required=True, help="training workdir")

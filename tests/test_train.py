@@ -222,3 +222,18 @@ def test_probe_writes_a_record_per_base_target_and_family(smoke_run, capsys):
   assert cli.main(argv + ["--targets", "image", "--families", "linear"]) == 0
   with open(os.path.join(workdir, "v_information.json")) as f:
     assert len(json.load(f)) == len(probes)
+
+
+@pytest.mark.slow
+def test_side_information_report_on_the_smoke_workdir(smoke_run, capsys, tmp_path):
+  """`tcr-jax side-information`: a row per conditional enhancement."""
+  from tcr_jax import cli
+  workdir, records, _ = smoke_run
+  assert cli.main(["side-information", workdir, "--images", "4",
+                   "--batch", "4"]) == 0
+  out = capsys.readouterr().out
+  for r in records:
+    if r["layer"] == "enhancement" and r["method"] != "standalone":
+      assert f"| {r['method']} | {r['alpha']:g} |" in out
+  assert cli.main(["side-information", str(tmp_path)]) == 2
+  assert "no finished conditional enhancement" in capsys.readouterr().err

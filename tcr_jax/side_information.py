@@ -1,6 +1,6 @@
 """How much the enhancement's conditional entropy model gains from Y_b.
 
-    python tools/side_information_report.py WORKDIR [--images 64] [--channels]
+    tcr-jax side-information WORKDIR [--images 64] [--channels]
 
 For every conditional enhancement stage of a finished workdir
 (enhancement_{baseline,proposal}_alpha*; the standalone has no side
@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -61,7 +60,8 @@ SATURATION = -3.0         # ELU pre-activation below this: output ~ -1
 def conditional_stages(workdir: str) -> list[str]:
   """enhancement_{baseline,proposal}_alpha* stages with a done.json, sorted."""
   stages = []
-  for name in os.listdir(os.path.join(workdir, "stages")):
+  root = os.path.join(workdir, "stages")
+  for name in (os.listdir(root) if os.path.isdir(root) else ()):
     m = re.fullmatch(r"enhancement_(baseline|proposal)_alpha(.+)", name)
     if m and os.path.isfile(os.path.join(workdir, "stages", name, "done.json")):
       stages.append((m.group(1), float(m.group(2)), name))
@@ -210,19 +210,13 @@ def channel_table(r: dict) -> str:
   return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("workdir")
-  parser.add_argument("--images", type=int, default=64)
-  parser.add_argument("--batch", type=int, default=32)
-  parser.add_argument("--channels", action="store_true",
-                      help="also print per-channel tables")
-  args = parser.parse_args(argv)
+def report(args: argparse.Namespace) -> int:
+  """Prints the table for args.workdir (UserError when it has no model)."""
+  from tcr_jax.errors import UserError
   stages = conditional_stages(args.workdir)
   if not stages:
-    print(f"no finished conditional enhancement stages in {args.workdir}",
-          file=sys.stderr)
-    return 1
+    raise UserError(f"no finished conditional enhancement stages in "
+                    f"{args.workdir}; train with python -m tcr_jax.main first")
   rows, measure, dataset = [], None, None
   for stage in stages:
     config, (base, base_vars), (enh, enh_vars), _ = compression.load_models(
@@ -246,6 +240,3 @@ def main(argv=None) -> int:
   print(markdown(rows))
   return 0
 
-
-if __name__ == "__main__":
-  sys.exit(main())
