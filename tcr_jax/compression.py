@@ -43,14 +43,14 @@ def workdir_config(workdir: str):
     return ml_collections.ConfigDict(json.load(f))
 
 
-def _finished_stages(workdir: str) -> list[str]:
+def finished_stages(workdir: str) -> list[str]:
   done = glob.glob(os.path.join(workdir, "stages", "*", "done.json"))
   return sorted(os.path.basename(os.path.dirname(d)) for d in done)
 
 
 def _pick(workdir: str, checkpoint: str | None) -> tuple[str, str | None]:
   """(base stage, enhancement stage or None)."""
-  stages = _finished_stages(workdir)
+  stages = finished_stages(workdir)
   usable = [s for s in stages if not s.startswith("enhancement_standalone")]
   if not usable:
     raise UserError(f"no finished models in {workdir}/stages")

@@ -16,7 +16,6 @@ simple nor a likelihood model with an empty-input member.
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
@@ -24,7 +23,7 @@ import time
 
 import numpy as np
 
-from tcr_jax import v_information
+from tcr_jax import compression, v_information
 from tcr_jax.errors import UserError
 
 RESULTS = "v_information.json"
@@ -35,9 +34,7 @@ _STAGE = re.compile(r"base_(baseline|proposal)_alpha(.+)")
 
 def base_stages(workdir: str) -> list[str]:
   """Finished base models (not the demo's shared starts), by method, alpha."""
-  done = glob.glob(os.path.join(workdir, "stages", "base_*", "done.json"))
-  names = [os.path.basename(os.path.dirname(d)) for d in done]
-  names = [n for n in names if _STAGE.fullmatch(n)]
+  names = [n for n in compression.finished_stages(workdir) if _STAGE.fullmatch(n)]
   key = lambda n: (_STAGE.fullmatch(n).group(1), float(_STAGE.fullmatch(n).group(2)))
   return sorted(names, key=key)
 
@@ -100,7 +97,7 @@ def probe_workdir(workdir: str, *, families=v_information.FAMILIES,
                   stages=(), learning_rate: float | None = None, log=print) -> list[dict]:
   """Measures and writes the records of every base model; returns them all
   (the file's, updated)."""
-  from tcr_jax import compression, data
+  from tcr_jax import data
   config = compression.workdir_config(workdir)
   if config.task.get("base", "depth") != "depth":
     raise UserError(f"{workdir} is a {config.task.base} workdir; the probes "

@@ -43,7 +43,6 @@ information), on the first N validation images:
 from __future__ import annotations
 
 import argparse
-import os
 import re
 
 import jax
@@ -60,10 +59,9 @@ SATURATION = -3.0         # ELU pre-activation below this: output ~ -1
 def conditional_stages(workdir: str) -> list[str]:
   """enhancement_{baseline,proposal}_alpha* stages with a done.json, sorted."""
   stages = []
-  root = os.path.join(workdir, "stages")
-  for name in (os.listdir(root) if os.path.isdir(root) else ()):
+  for name in compression.finished_stages(workdir):
     m = re.fullmatch(r"enhancement_(baseline|proposal)_alpha(.+)", name)
-    if m and os.path.isfile(os.path.join(workdir, "stages", name, "done.json")):
+    if m:
       stages.append((m.group(1), float(m.group(2)), name))
   return [s for _, _, s in sorted(stages)]
 
