@@ -7,7 +7,9 @@ float64 and turned into the stage's metrics, whose "loss" is the paper's
 objective (tcr_jax/objectives.py) evaluated on the pooled terms:
 
   base         bpp_base, depth_rmse (pooled over valid pixels),
-               psnr_from_base, loss = L_b
+               depth_rmse_objects (over the valid pixels of people and
+               vehicles: does the model see objects?), psnr_from_base,
+               loss = L_b
   enhancement  bpp_enhancement, bpp_base (None where R_b is not part of
                the layer's rate), psnr (reconstruction) or miou
                (segmentation), loss = L_e; rates per
@@ -29,6 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tcr_jax import objectives
 from tcr_jax.codec import entropy
+from tcr_jax.data import labels as label_ids
 from tcr_jax.tasks import losses
 
 PyTree = Any
@@ -49,6 +52,19 @@ class PooledRMSE(metrics.Metric):
 
   def compute(self):
     return np.sqrt(self.total / max(float(self.count), 1.0))
+
+
+@flax.struct.dataclass
+class ObjectRMSE(PooledRMSE):
+  """PooledRMSE over the valid pixels of objects (label_ids.OBJECT_TRAIN_IDS);
+  NaN (None in the records) where the images have none."""
+
+  @classmethod
+  def from_model_output(cls, object_sq, object_count, mask, **_):
+    return cls(jnp.sum(object_sq * mask), jnp.sum(object_count * mask))
+
+  def compute(self):
+    return super().compute() if float(self.count) > 0 else np.nan
 
 
 @flax.struct.dataclass
@@ -75,6 +91,7 @@ def metric_collection(kind: str, task: str):
   if kind == "base":
     return metrics.Collection.create(
         bpp_base=_mean("bpp"), depth_rmse=PooledRMSE,
+        depth_rmse_objects=ObjectRMSE,
         psnr_from_base=_mean("psnr"), rec_rmse255=_mean("rec_rmse255"))
   if task == "reconstruction":
     return metrics.Collection.create(
@@ -83,6 +100,10 @@ def metric_collection(kind: str, task: str):
   return metrics.Collection.create(
       bpp_enhancement=_mean("bpp"), bpp_base=_mean("bpp_base"),
       confusion=Confusion, distortion=_mean("seg_loss"))
+
+
+def _finite(x):
+  return None if x is None or not np.isfinite(x) else x
 
 
 def summarise(kind: str, values: dict, hp: dict, ignore_index: int = -1
@@ -97,6 +118,7 @@ def summarise(kind: str, values: dict, hp: dict, ignore_index: int = -1
     terms = {"bpp": v["bpp_base"], "depth_rmse": v["depth_rmse"],
              "rec_rmse255": v["rec_rmse255"]}
     return {"bpp_base": v["bpp_base"], "depth_rmse": v["depth_rmse"],
+            "depth_rmse_objects": _finite(v.get("depth_rmse_objects")),
             "psnr_from_base": v["psnr_from_base"],
             "loss": float(objectives.base_loss(terms, hp["alpha"],
                                                hp.get("beta", 0.0)))}
@@ -129,9 +151,12 @@ class Evaluator:
     if kind == "base":
       out = self.base.apply(variables, x, train=False)
       sq = jnp.where(batch["valid"], (out["disparity"] - batch["disparity"]) ** 2, 0.)
+      objects = batch["valid"] & label_ids.object_mask(batch["labels"])
       return ({"bpp": entropy.bits(out["likelihoods"]) / pixels,
                "depth_sq": jnp.sum(sq, axis=(1, 2)),
                "depth_count": jnp.sum(batch["valid"], axis=(1, 2)).astype(jnp.float32),
+               "object_sq": jnp.sum(jnp.where(objects, sq, 0.), axis=(1, 2)),
+               "object_count": jnp.sum(objects, axis=(1, 2)).astype(jnp.float32),
                "psnr": objectives.psnr(x, out["x_rec"]),
                "rec_rmse255": objectives.rmse_255_per_image(x, out["x_rec"])},
               {"disparity": out["disparity"], "x_rec": out["x_rec"], "image": x,

@@ -243,6 +243,8 @@ _REFERENCES = (  # (record key, what it is, model key, lower is better)
      "depth_rmse", True),
     ("mean_disparity_rmse", "depth RMSE (px) predicting the per-pixel mean "
      "disparity", "depth_rmse", True),
+    ("mean_disparity_rmse_objects", "the same on the pixels of people and "
+     "vehicles", "depth_rmse_objects", True),
     ("mean_image_psnr", "PSNR (dB) of the mean training image",
      "psnr_from_base", False),
 )

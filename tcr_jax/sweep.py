@@ -44,7 +44,7 @@ def base_task_metrics(c) -> tuple[str, ...]:
   """The base task's metrics in results.json: depth RMSE, or detection mAP."""
   if c.task.get("base", "depth") == "detection":
     return ("map", "map50")
-  return ("depth_rmse",)
+  return ("depth_rmse", "depth_rmse_objects")
 
 
 def record(c, layer: str, method: str, alpha: float, beta, m: dict) -> dict:
@@ -129,7 +129,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                            frozen=base_vars)
       enh_vars, em = train.run_stage(exp, estage, writer_factory)
       records.append(record(c, "enhancement", method, alpha, beta,
-                            {**em, **{k: bm[k] for k in base_task_metrics(c)},
+                            {**em, **{k: bm.get(k) for k in base_task_metrics(c)},
                              "psnr_from_base": bm["psnr_from_base"],
                              "bpp_actual_base": bm.get("bpp_actual_base")}))
       previews.append((alpha, method, bstage, base_vars, estage, enh_vars))
@@ -172,18 +172,20 @@ def reference_record(c, exp: train.Experiment) -> dict | None:
     return None
   import numpy as np
   from tcr_jax import references
-  names = ("constant_disparity_rmse", "mean_disparity_rmse", "mean_image_psnr")
+  names = ("constant_disparity_rmse", "mean_disparity_rmse",
+           "mean_disparity_rmse_objects", "mean_image_psnr")
   values = np.zeros(len(names), np.float32)
   if jax.process_index() == 0:
     refs = references.trivial_references(
         exp.loader.train_data, exp.loader.val_data,
         c.eval.reference_train_images, exp.eval_images)
-    values = np.array([refs[n] for n in names], np.float32)
+    values = np.array([np.nan if refs[n] is None else refs[n] for n in names],
+                      np.float32)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     values = np.asarray(multihost_utils.broadcast_one_to_all(values))
   return {"experiment": c.experiment, "layer": "reference", "method": "trivial",
-          **{n: float(v) for n, v in zip(names, values)}}
+          **{n: float(v) if np.isfinite(v) else None for n, v in zip(names, values)}}
 
 
 def _write_previews(exp: train.Experiment, previews) -> None:

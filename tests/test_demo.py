@@ -8,16 +8,21 @@ import numpy as np
 import pytest
 
 from tcr_jax import checkpoints, configs_lib, models, rd, references, sweep, train
+from tcr_jax.data import labels as label_ids
 from tcr_jax.errors import UserError
 
 
 class _Scenes:
   """A dataset of `n` fixed scenes: disparity = row * slope (+ noise)."""
 
-  def __init__(self, n, seed, noise=0.0, h=4, w=6):
+  def __init__(self, n, seed, noise=0.0, h=4, w=6, object_shift=0.0):
     rng = np.random.default_rng(seed)
     rows = np.arange(h, dtype=np.float32)[:, None] * np.ones((1, w), np.float32)
     self.disparity = rows[None] * 2.0 + noise * rng.normal(size=(n, h, w)).astype(np.float32)
+    # A car in the lower right corner, `object_shift` px nearer than the road.
+    self.labels = np.zeros((n, h, w), np.int32)
+    self.labels[:, 2:, 3:] = label_ids.CAR
+    self.disparity[:, 2:, 3:] += object_shift
     self.valid = np.ones((n, h, w), bool)
     self.valid[:, 0, 0] = False  # an invalid pixel never counts
     self.disparity[:, 0, 0] = 1e6
@@ -28,7 +33,8 @@ class _Scenes:
 
   def batch(self, indices):
     i = np.asarray(list(indices))
-    return {"image": self.image[i], "disparity": self.disparity[i], "valid": self.valid[i]}
+    return {"image": self.image[i], "disparity": self.disparity[i],
+            "valid": self.valid[i], "labels": self.labels[i]}
 
 
 def test_references_on_scenes_that_follow_the_row():
@@ -44,6 +50,30 @@ def test_references_on_scenes_that_follow_the_row():
   mean_image = train_data.image.mean(0)
   mse = ((val_data.image - mean_image) ** 2).mean(axis=(1, 2, 3))
   assert refs["mean_image_psnr"] == pytest.approx(float(np.mean(-10 * np.log10(mse))), rel=1e-6)
+
+
+def test_the_object_reference_counts_only_the_pixels_of_objects():
+  # The validation scenes' car is 3 px nearer than the training scenes': the
+  # mean map is off by exactly 3 px on its 6 pixels (of 23 valid), and on
+  # nothing else.
+  train_data, val_data = _Scenes(10, 0), _Scenes(5, 1, object_shift=3.0)
+  refs = references.trivial_references(train_data, val_data, 10, 5, batch=3)
+  assert refs["mean_disparity_rmse_objects"] == pytest.approx(3.0, rel=1e-6)
+  assert refs["mean_disparity_rmse"] == pytest.approx(3.0 * np.sqrt(6 / 23), rel=1e-6)
+  val_data.labels[:] = label_ids.ROAD  # no objects: no figure, not 0
+  refs = references.trivial_references(train_data, val_data, 10, 5, batch=3)
+  assert refs["mean_disparity_rmse_objects"] is None
+
+
+def test_object_rmse_pools_the_object_pixels_of_real_images_only():
+  from tcr_jax import evaluate
+  m = evaluate.ObjectRMSE.from_model_output(
+      object_sq=jnp.array([8.0, 100.0, 0.0]), object_count=jnp.array([2.0, 1.0, 0.0]),
+      mask=jnp.array([1.0, 0.0, 1.0]))  # the second image is padding
+  assert float(m.merge(m).compute()) == pytest.approx(2.0)
+  empty = evaluate.ObjectRMSE.from_model_output(
+      object_sq=jnp.zeros(2), object_count=jnp.zeros(2), mask=jnp.ones(2))
+  assert np.isnan(empty.compute())
 
 
 def test_per_pixel_mean_beats_a_constant_on_the_synthetic_scenes(configs):

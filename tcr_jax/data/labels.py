@@ -42,6 +42,18 @@ LABEL_TO_TRAIN_ID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7,
                      21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13, 27: 14,
                      28: 15, 31: 16, 32: 17, 33: 18}
 
+# Cityscapes' "things" (objects: people and vehicles), as train ids. The
+# depth metrics on their pixels ask whether a depth model sees objects, or
+# only the street's layout that the per-pixel mean disparity map already has.
+OBJECT_TRAIN_IDS = (PERSON, RIDER, CAR, TRUCK, BUS, TRAIN, MOTORCYCLE, BICYCLE)
+
+
+def object_mask(labels) -> np.ndarray:
+  """Pixels whose train id is a thing (OBJECT_TRAIN_IDS); works on numpy
+  and jax arrays alike."""
+  return (labels >= PERSON) & (labels <= BICYCLE)
+
+
 # COCO category ids of the synthetic scenes' boxes.
 COCO_PERSON = 1
 COCO_CAR = 3
