@@ -124,8 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="comma-separated decoder families: linear, conv")
   s.add_argument("--targets", default="image,disparity,labels",
                  help="comma-separated targets: image, disparity, labels")
-  s.add_argument("--steps", type=int, default=500,
-                 help="training steps of each probe (batch 16)")
+  s.add_argument("--steps", type=int, default=1000,
+                 help="training steps of each probe (batch 8)")
   s.add_argument("--train-images", type=int, default=512)
   s.add_argument("--val-images", type=int, default=128)
   s.add_argument("--seed", type=int, default=0)

@@ -92,7 +92,7 @@ def load_records(workdir: str) -> list[dict]:
 
 
 def probe_workdir(workdir: str, *, families=v_information.FAMILIES,
-                  targets=TARGETS, steps: int = 500, train_images: int = 512,
+                  targets=TARGETS, steps: int = 1000, train_images: int = 512,
                   val_images: int = 128, seed: int = 0, budget_check: bool = False,
                   stages=(), learning_rate: float | None = None, log=print) -> list[dict]:
   """Measures and writes the records of every base model; returns them all

@@ -134,3 +134,28 @@ def test_report_table_and_plots(tmp_path):
   text = probe.write_report(records, str(tmp_path), mean_image_psnr=15.0)
   assert "| proposal | 0.1 | 0.600 | 0.680 | 0.800 [0.700, 0.900] | 0.831 |" in text
   assert os.path.getsize(tmp_path / "vinfo_image.png") > 1000
+
+
+def test_the_estimate_does_not_depend_on_the_latents_units():
+  """The latent is standardized with the fitting images' statistics before
+  the fit: a latent shifted by 50 and scaled by 200 (a codec whose latents
+  are large integers) gives the same I_V as the original; without the
+  standardization Adam's fixed step sizes make the fit of the scaled one
+  a different, slower problem."""
+  rng = np.random.default_rng(5)
+  y = rng.normal(size=(600, 1, 1, 4)).astype(np.float32)
+  z = y @ rng.normal(size=(4, 3)).astype(np.float32) * 0.1
+  z = z + 0.05 * rng.normal(size=z.shape).astype(np.float32)
+  t = lambda a, b: _gaussian(z[a:b], 1e-3)
+  run = lambda lat: vi.estimate("linear", lat[:500], t(0, 500), lat[500:], t(500, 600),
+                                steps=150, batch=32)["bits"]
+  plain, scaled = run(y), run(y * 200.0 + 50.0)
+  assert scaled == pytest.approx(plain, rel=1e-3)
+  assert plain > 1.0  # the latent explains most of the target
+
+
+def test_standardize_uses_the_fitting_statistics_and_keeps_constant_channels():
+  fit = np.array([[1.0, 5.0], [3.0, 5.0]], np.float32)
+  f, other = vi.standardize(fit, np.array([[5.0, 7.0]], np.float32))
+  np.testing.assert_allclose(f, [[-1.0, 0.0], [1.0, 0.0]])
+  np.testing.assert_allclose(other, [[3.0, 2.0]])  # a constant channel: only shifted
