@@ -69,6 +69,16 @@ def _probe(args: argparse.Namespace) -> None:
   print(os.path.join(args.workdir, "v_information.md"))
 
 
+def _ceiling(args: argparse.Namespace) -> None:
+  from tcr_jax import ceiling, compression
+  config = compression.workdir_config(args.workdir)
+  if args.patience is not None:
+    config.train.base_patience = args.patience
+  import json
+  print(json.dumps(ceiling.train_ceiling(config, args.workdir, args.steps,
+                                         args.eval_every)))
+
+
 def _side_information(args: argparse.Namespace) -> None:
   from tcr_jax import side_information
   side_information.report(args)
@@ -137,6 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--budget-check", action="store_true",
                  help="also train each probe twice as long and record it")
   s.set_defaults(func=_probe)
+
+  s = sub.add_parser("ceiling", help="the depth head trained on uncompressed "
+                     "images: the base task's ceiling, to WORKDIR/ceiling.json")
+  s.add_argument("workdir", help="workdir of a depth sweep (its config.json)")
+  s.add_argument("--steps", type=int, default=4000)
+  s.add_argument("--eval-every", type=int, default=250)
+  s.add_argument("--patience", type=int, default=None,
+                 help="evaluations without a better RMSE before stopping "
+                      "(default: the config's train.base_patience; 0: never)")
+  s.set_defaults(func=_ceiling)
 
   s = sub.add_parser("side-information", help="per channel, how much each "
                      "conditional enhancement's entropy model gains from Y_b")

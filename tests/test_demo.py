@@ -147,7 +147,10 @@ def test_every_base_model_fine_tunes_its_methods_start(tmp_path, configs):
   ref = records[0]
   assert ref["layer"] == "reference" and all(r["layer"] != "reference" for r in records[1:])
   assert 0 < ref["mean_disparity_rmse"] < ref["constant_disparity_rmse"]
-  assert "Trivial references" in (tmp_path / "bd_rate.md").read_text()
+  # Objects stand out of the street's row prior: the mean map misses them most.
+  assert ref["mean_disparity_rmse_objects"] > ref["mean_disparity_rmse"]
+  assert all(r["depth_rmse_objects"] > 0 for r in records if r["layer"] == "base")
+  assert "References (the trivial ones" in (tmp_path / "bd_rate.md").read_text()
   model = models.base_model(c)
   x = jnp.zeros((1, c.data.height, c.data.width, 3))
   template = jax.eval_shape(lambda k: model.init(k, x), jax.random.key(0))
@@ -263,9 +266,22 @@ def test_report_sets_references_next_to_the_best_models(tmp_path):
   assert any(p.name.startswith("rd_") for p in tmp_path.iterdir())
 
 
+def test_report_gives_the_rewards_share_of_the_proposals_base_loss(tmp_path):
+  recs = _records()
+  for r in recs:
+    if r["layer"] == "base" and r["method"] == "proposal":
+      # L_b = alpha * R_b + D_b + reward, with a reward of 0.25 * D_b.
+      r.update(beta=0.01, loss=r["alpha"] * r["bpp_base"] + 1.25 * r["depth_rmse"])
+  text = rd.write_report(recs, str(tmp_path), "depth_recon")
+  rows = [l for l in text.splitlines() if l.startswith("| ") and l.endswith("| 0.25 |")]
+  assert len(rows) == 4 and rows[0].startswith("| 0.1 | 0.01 | 0.400 | 0.100 |")
+  # The baseline (beta 0) has no reward row; records without a loss none.
+  assert "reward" not in rd.write_report(_records(), str(tmp_path), "depth_recon")
+
+
 def test_report_without_references_has_no_reference_table(tmp_path):
   without = rd.write_report(_records()[1:], str(tmp_path), "depth_recon")
   with_refs = rd.write_report(_records(), str(tmp_path), "depth_recon")
-  assert "Trivial references" not in without
+  assert "References (" not in without and "References (" in with_refs
   # The references only add their table after the BD-rates.
   assert with_refs.startswith(without.rstrip("\n"))
