@@ -105,6 +105,11 @@ def check_argv(argv: Sequence[str], name: str = "config") -> None:
     return
   keys = override_keys(argv, name)
   spec = _config_spec(argv, name)
+  if spec is not None:
+    import os
+    path = spec.partition(":")[0]
+    if not os.path.isfile(path):
+      raise UserError(f"config file {path!r} not found")
   if not keys or spec is None:
     return
   from tcr_jax import configs_lib

@@ -253,6 +253,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
       if v not in allowed:
         raise UserError(f"config.{name}={v!r}; expected one of "
                         f"{', '.join(map(repr, allowed))}")
+  alphas = c.sweep.alphas
+  if (isinstance(alphas, (str, bytes)) or not hasattr(alphas, "__len__") or not alphas
+      or not all(isinstance(a, (int, float)) and not isinstance(a, bool) and a > 0
+                 for a in alphas)):
+    raise UserError(f"config.sweep.alphas={alphas!r}; expected a tuple of positive "
+                    "numbers, e.g. --config.sweep.alphas=\"(0.01, 0.1)\"")
+  if not isinstance(c.sweep.beta, (int, float)) or c.sweep.beta < 0:
+    raise UserError(f"config.sweep.beta={c.sweep.beta!r}; expected a number >= 0")
   for name in ("base_patience", "enhancement_patience"):
     if c.train[name] < 0:
       raise UserError(f"config.train.{name} must be >= 0 (0: no early stopping)")

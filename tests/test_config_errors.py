@@ -94,3 +94,21 @@ def test_the_cli_caches_compiled_programs(tmp_path, monkeypatch):
     assert jax.config.jax_compilation_cache_dir == before
   finally:
     jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_alphas_that_are_not_numbers_are_one_line(tmp_path):
+  # absl turns "abc" into the tuple ('abc',): valid as a flag, not as alphas.
+  line = _one_line(_run("main", ["--config.sweep.alphas=abc"], tmp_path), "main")
+  assert "config.sweep.alphas=('abc',)" in line and "positive numbers" in line
+  assert os.listdir(tmp_path) == []
+
+
+def test_a_missing_config_file_is_one_line(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+  result = subprocess.run(
+      [sys.executable, "-m", "tcr_jax.main", "--config=configs/nope.py:synthetic",
+       f"--workdir={tmp_path / 'workdir'}"], cwd=tmp_path, env=env,
+      capture_output=True, text=True, timeout=60)
+  assert _one_line(result, "main") == "tcr_jax.main: error: config file 'configs/nope.py' not found"
+  assert os.listdir(tmp_path) == []
