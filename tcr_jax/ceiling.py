@@ -112,9 +112,10 @@ def train_ceiling(config, workdir: str, steps: int, eval_every: int = 250,
                                           b["disparity"], b["valid"])
     if i % eval_every == 0 or i == steps:
       m = evaluate(params, stats)
+      objects = m["depth_rmse_objects"]
       log(f"ceiling: step {i}/{steps} train RMSE {float(loss):.3f} validation "
-          f"{m['depth_rmse']:.4f} (objects {m['depth_rmse_objects']}) "
-          f"({time.time() - t0:.0f}s)")
+          f"{m['depth_rmse']:.4f}, on objects "
+          f"{'-' if objects is None else f'{objects:.4f}'} ({time.time() - t0:.0f}s)")
       if best is None or m["depth_rmse"] < best["depth_rmse"]:
         best, best_step, since = m, i, 0
       else:

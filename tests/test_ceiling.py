@@ -17,6 +17,7 @@ def _workdir(tmp_path, configs, **overrides):
   return workdir
 
 
+@pytest.mark.slow
 def test_the_ceiling_learns_and_is_written_where_the_report_finds_it(tmp_path, configs, capsys):
   workdir = _workdir(tmp_path, configs, **{"data.eval_images": 8,
                                            "train.learning_rate": 3e-3})
@@ -37,6 +38,7 @@ def test_the_ceiling_learns_and_is_written_where_the_report_finds_it(tmp_path, c
   assert f"{record['depth_rmse']:.3f}" in text and "ceiling" in text
 
 
+@pytest.mark.slow
 def test_patience_stops_the_ceiling_early(tmp_path, configs):
   workdir = _workdir(tmp_path, configs, **{"data.eval_images": 4,
                                            "train.learning_rate": 0.0})
