@@ -90,6 +90,10 @@ def experiment_config(experiment: str, enhancement_task: str,
   # method's), its transforms stay frozen, only the entropy model refits,
   # and its rate includes the base's.
   c.sweep.standalone_mode = "scratch"
+  # A workdir of another depth sweep whose base models this one reuses (its
+  # finished base stages are copied; every config field that shapes them
+  # must be equal, sweep.BASE_FIELDS): depth_seg after depth_recon.
+  c.sweep.bases_from = ""
   # L_e = alpha_e * (bpp_b + bpp_e) + D_e with alpha_e = alpha * this scale.
   c.sweep.enhancement_alpha_scale = 10.0 if enhancement_task == "reconstruction" else 1.0
 

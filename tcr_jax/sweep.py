@@ -74,6 +74,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   configs_lib.validate(c)
   os.makedirs(workdir, exist_ok=True)
   same_on_every_process(config, workdir)
+  if c.sweep.get("bases_from"):
+    adopt_bases(c, workdir, c.sweep.bases_from)
   exp = train.Experiment(config, workdir)
   # What `tcr-jax compress/decompress --workdir` rebuild the models from.
   checkpoints.write_json(os.path.join(workdir, "config.json"),
@@ -198,6 +200,65 @@ def _write_previews(exp: train.Experiment, previews) -> None:
     _, enh_out = exp.evaluator.evaluate(estage, evars, n, keep_outputs=n)
     if jax.process_index() == 0:
       rd.save_preview(path, base_out, enh_out, exp.config.task.enhancement)
+
+
+# The config fields that shape a depth sweep's base stages (their names,
+# training and evaluation): two sweeps that agree on all of them train the
+# same base models, whatever their enhancement task. A new field that
+# changes the base stages belongs here.
+BASE_FIELDS = (
+    "seed", "data", "model", "entropy_model", "task.base", "task.disparity_scale",
+    "task.depth_bn_momentum", "sweep.alphas", "sweep.methods", "sweep.beta",
+    "train.batch_size", "train.learning_rate", "train.base_steps",
+    "train.base_pretrain_steps", "train.finetune_lr_scale", "train.finetune_chain",
+    "train.lr_schedule", "train.warmup_steps", "train.base_grad_clip",
+    "train.base_select", "train.base_patience", "train.eval_every",
+    "train.eval_images_during_training", "eval.actual_bits_images",
+    "init.depth_backbone", "init.depth_head")
+
+
+def _field(tree: dict, path: str):
+  """The value at a dotted path of a config as JSON data (tuples as lists)."""
+  for key in path.split("."):
+    tree = tree.get(key) if isinstance(tree, dict) else None
+  return tree
+
+
+def adopt_bases(c, workdir: str, source: str) -> list[str]:
+  """config.sweep.bases_from: copies the finished base stages of the sweep
+  in `source` (the same base models: every BASE_FIELDS value equal) that
+  this workdir does not have yet, so that depth_seg reuses depth_recon's
+  bases instead of training them again. Returns the stages copied."""
+  import shutil
+  from tcr_jax import compression
+  from tcr_jax.errors import UserError
+  if os.path.abspath(source) == os.path.abspath(workdir):
+    raise UserError("config.sweep.bases_from is this workdir")
+  if c.task.get("base", "depth") != "depth":
+    raise UserError("config.sweep.bases_from is for depth sweeps")
+  mine = json.loads(c.to_json())
+  other = json.loads(compression.workdir_config(source).to_json())
+  differ = [f for f in BASE_FIELDS if _field(mine, f) != _field(other, f)]
+  if differ:
+    path = differ[0]
+    while isinstance(_field(mine, path), dict) and isinstance(_field(other, path), dict):
+      a, b = _field(mine, path), _field(other, path)
+      path += "." + next(k for k in sorted({*a, *b}) if a.get(k) != b.get(k))
+    raise UserError(f"config.sweep.bases_from={source!r} trained other base "
+                    f"models: its {path} is {_field(other, path)!r}, "
+                    f"here {_field(mine, path)!r}")
+  names = [n for n in compression.finished_stages(source) if n.startswith("base_")
+           and not os.path.exists(os.path.join(workdir, "stages", n))]
+  if jax.process_index() == 0:
+    for name in names:
+      shutil.copytree(os.path.join(source, "stages", name),
+                      os.path.join(workdir, "stages", name))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("adopt_bases")
+  if names:
+    train.log(f"base stages from {source}: {', '.join(names)}")
+  return names
 
 
 def same_on_every_process(config, workdir: str) -> None:
