@@ -17,7 +17,6 @@ No checkpoints: it is a reference figure, minutes long on the demo's scenes.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -133,8 +132,5 @@ def train_ceiling(config, workdir: str, steps: int, eval_every: int = 250,
 
 
 def load(workdir: str) -> dict | None:
-  path = os.path.join(workdir, RESULT)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  from tcr_jax import checkpoints
+  return checkpoints.read_json(os.path.join(workdir, RESULT))

@@ -104,9 +104,13 @@ def save_variables(directory: str, variables: PyTree, step: int = 0) -> None:
 
 
 def read_done(stage_dir: str) -> dict | None:
-  path = os.path.join(stage_dir, DONE)
+  return read_json(os.path.join(stage_dir, DONE))
+
+
+def read_json(path: str, default=None):
+  """The JSON file at `path`, or `default` where there is none."""
   if not os.path.exists(path):
-    return None
+    return default
   with open(path) as f:
     return json.load(f)
 

@@ -84,11 +84,8 @@ def _base_results(workdir: str) -> dict[str, dict]:
 
 
 def load_records(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, RESULTS)
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return json.load(f)
+  from tcr_jax import checkpoints
+  return checkpoints.read_json(os.path.join(workdir, RESULTS), [])
 
 
 def probe_workdir(workdir: str, *, families=v_information.FAMILIES,
