@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from tcr_jax import checkpoints
 from tcr_jax.codec import layers, ops
 from tcr_jax.data import labels as label_ids
 from tcr_jax.errors import UserError
@@ -126,11 +127,9 @@ def train_ceiling(config, workdir: str, steps: int, eval_every: int = 250,
             "best_step": best_step, "trained_steps": i, "steps": steps,
             "eval_images": count, "seconds": round(time.time() - t0, 1)}
   os.makedirs(workdir, exist_ok=True)
-  from tcr_jax import checkpoints
   checkpoints.write_json(os.path.join(workdir, RESULT), record)
   return record
 
 
 def load(workdir: str) -> dict | None:
-  from tcr_jax import checkpoints
   return checkpoints.read_json(os.path.join(workdir, RESULT))

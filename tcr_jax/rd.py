@@ -267,10 +267,8 @@ def _references(records) -> dict[str, dict]:
 
 
 def _reward_lines(records) -> list[str]:
-  """Per proposal base model: the reward beta * 255 * RMSE(x, x_rec) and its
-  ratio to the task term D_b (depth RMSE), both read off its validation
-  loss L_b = alpha * R_b + D_b + reward. The poster asks for beta << lambda_b;
-  this ratio of the terms is its measurable stand-in (docs/reproduction.md)."""
+  """Per proposal base: reward = L_b - alpha * R_b - D_b (validation) and its
+  ratio to D_b, the stand-in for beta << lambda_b (docs/reproduction.md)."""
   rows = sorted((r["alpha"], r) for r in records if r.get("layer") == "base"
                 and r.get("method") == "proposal" and r.get("beta")
                 and None not in (r.get("loss"), r.get("bpp_base"), r.get("depth_rmse")))
