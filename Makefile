@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= out/demo
+REPRO_DIR ?= out/reproduction
+SEED ?= 0
 PYTEST_ARGS ?=
 TEST_MARKS ?=
 TEST_WORKERS ?= 2
@@ -15,7 +17,7 @@ PARALLEL_MARKS := ($(TEST_MARKS)) and not serial
 SERIAL_MARKS := ($(TEST_MARKS)) and serial
 endif
 
-.PHONY: demo test install clean
+.PHONY: demo reproduction test install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +35,17 @@ install: $(VENV)/.installed-base
 
 demo: $(VENV)/.installed-base
 	$(PY) -m tcr_jax.main --config=configs/depth_recon.py:synthetic --workdir $(DEMO_DIR)
+
+# docs/reproduction.md: one seed of the paper's figures on the synthetic
+# scenes (both depth experiments; depth_seg reuses depth_recon's bases) and
+# the depth head's ceiling. Again with SEED=1, SEED=2.
+reproduction: $(VENV)/.installed-base
+	$(PY) -m tcr_jax.main --config=configs/depth_recon.py:reproduction \
+	  --config.seed=$(SEED) --workdir $(REPRO_DIR)/seed$(SEED)/depth_recon
+	$(PY) -m tcr_jax.main --config=configs/depth_seg.py:reproduction \
+	  --config.seed=$(SEED) --workdir $(REPRO_DIR)/seed$(SEED)/depth_seg \
+	  --config.sweep.bases_from=$(REPRO_DIR)/seed$(SEED)/depth_recon
+	$(VENV)/bin/tcr-jax ceiling $(REPRO_DIR)/seed$(SEED)/depth_recon
 
 # The suite runs on TEST_WORKERS processes (pytest-xdist; each test file on
 # one of them, so its module fixtures are built once); then, alone, the

@@ -2,6 +2,7 @@
 
   python -m tcr_jax.main --config=configs/depth_recon.py            # Cityscapes
   python -m tcr_jax.main --config=configs/depth_recon.py:synthetic  # laptop
+  python -m tcr_jax.main --config=configs/depth_recon.py:reproduction  # the paper's figures
 """
 from tcr_jax import configs_lib
 

@@ -7,7 +7,8 @@ x2 nearest -> 5x5 conv -> disparity, the same head and output layer as
 models.DepthBase, on the same augmented training batches, learning rate and
 batch size as the config's base stages. Every `eval_every` steps it
 measures the depth RMSE on the validation images (all valid pixels, and
-the pixels of people and vehicles); the best evaluation is the ceiling.
+the pixels of people and vehicles); the best evaluation is the ceiling (its
+weights measured again on config.eval.split when that is "test").
 It stops early after config.train.base_patience evaluations without a
 better RMSE (0: never). The result goes to WORKDIR/ceiling.json, which the
 report (rd.py) sets next to the base models as the best depth any base
@@ -93,11 +94,11 @@ def train_ceiling(config, workdir: str, steps: int, eval_every: int = 250,
   predict = jax.jit(lambda p, s, x: model.apply({"params": p, "batch_stats": s}, x))
   count = c.data.eval_images
 
-  def evaluate(params, stats) -> dict[str, float]:
+  def evaluate(params, stats, dataset=loader.val_data) -> dict[str, float]:
     total: dict[str, float] = {}
     b = c.eval.batch_size
     for start in range(0, count, b):
-      batch = loader.val_data.batch(range(start, min(start + b, count)))
+      batch = dataset.batch(range(start, min(start + b, count)))
       for k, v in _squared_errors(predict(params, stats, batch["image"]), batch).items():
         total[k] = total.get(k, 0.0) + v
     return {"depth_rmse": float(np.sqrt(total["sq"] / max(total["n"], 1.0))),
@@ -118,14 +119,18 @@ def train_ceiling(config, workdir: str, steps: int, eval_every: int = 250,
           f"{'-' if objects is None else f'{objects:.4f}'} ({time.time() - t0:.0f}s)")
       if best is None or m["depth_rmse"] < best["depth_rmse"]:
         best, best_step, since = m, i, 0
+        kept = (params, stats)
       else:
         since += 1
         if 0 < c.train.base_patience <= since:
           log(f"ceiling: no better validation RMSE in {since} evaluations; stopping")
           break
+  if loader.report_split != "validation":  # chosen on validation, reported on test
+    best = evaluate(*kept, dataset=loader.report_data)
   record = {"layer": "reference", "method": "ceiling", **best,
             "best_step": best_step, "trained_steps": i, "steps": steps,
-            "eval_images": count, "seconds": round(time.time() - t0, 1)}
+            "eval_images": count, "split": loader.report_split,
+            "seconds": round(time.time() - t0, 1)}
   os.makedirs(workdir, exist_ok=True)
   checkpoints.write_json(os.path.join(workdir, RESULT), record)
   return record

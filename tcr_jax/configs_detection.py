@@ -36,6 +36,10 @@ COCO_EPOCH_STEPS = 29_300
 
 def detection_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = (arg or "").strip()
+  if arg == "reproduction":
+    raise ValueError("the reproduction variant is the depth experiments' "
+                     "(configs/depth_recon.py, configs/depth_seg.py); detection "
+                     "has '', 'authors', 'synthetic' and 'smoke'")
   c = configs_lib.experiment_config("detection_recon", "reconstruction", arg)
   c.task.base = "detection"
   c.task.num_detection_classes = 91

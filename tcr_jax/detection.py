@@ -189,17 +189,17 @@ class DetectionEvaluator(evaluate.Evaluator):
                                                stage.hp.get("beta", 0.0)))}
 
   def actual_rates(self, stage, variables: PyTree) -> dict:
-    """Real files of the first eval.actual_bits_images validation images,
+    """Real files of the first eval.actual_bits_images report-split images,
     each coded alone at its resized size (not the canvas), in bits per
     resized pixel; the base stream counts the container header."""
     from tcr_jax.codec import bitstream, files
     n = min(self.config.eval.actual_bits_images,
-            self.config.data.eval_images, len(self.loader.val_data))
+            self.config.data.eval_images, len(self.loader.report_data))
     if n <= 0 or jax.process_index() != 0:
       return {}
     bpp = []
     for i in range(n):
-      one = self.loader.val_data.batch([i])
+      one = self.loader.report_data.batch([i])
       h, w = (int(v) for v in one["image_size"][0])
       img = one["image"][0, :h, :w]
       if stage.kind == "base":

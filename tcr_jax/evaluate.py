@@ -211,16 +211,18 @@ class Evaluator:
     return self._compiled[kind]
 
   def evaluate(self, stage, variables: PyTree, count: int,
-               keep_outputs: int = 0) -> tuple[dict[str, float], dict]:
-    """Metrics of `variables` on the first `count` validation images, and
-    the outputs of the first `keep_outputs` of them (previews). A collective:
-    every process calls it, each reading its share of the images."""
+               keep_outputs: int = 0, split: str = "validation"
+               ) -> tuple[dict[str, float], dict]:
+    """Metrics of `variables` on the first `count` images of `split` (the
+    validation split, or the loader's report split), and the outputs of the
+    first `keep_outputs` of them (previews). A collective: every process
+    calls it, each reading its share of the images."""
     fn = self.eval_fn(stage.kind)
     hp = {k: jnp.float32(v) for k, v in stage.hp.items()}
     total = None
     kept: dict[str, list] = {}
     collector = self.host_collector(stage)
-    for batch in self.loader.val_batches(count):
+    for batch in self.loader.val_batches(count, split):
       update, outputs = fn(variables, batch, hp, stage.frozen)
       update = jax.tree.map(lambda a: np.asarray(jax.device_get(a), np.float64),
                             update)
@@ -234,14 +236,15 @@ class Evaluator:
     return self.summarise(stage, total.compute(), collector), kept
 
   def actual_rates(self, stage, variables: PyTree) -> dict:
-    """Real file sizes: the first eval.actual_bits_images validation images
+    """Real file sizes: the first eval.actual_bits_images images of the
+    report split (config.eval.split)
     compressed with the range coder, in bits per full-resolution pixel; the
     base stream counts the container header. Process 0 codes (on its own
     devices, from host copies of the replicated variables) and every
     process receives the figures."""
     from jax.experimental import multihost_utils
     n = min(self.config.eval.actual_bits_images,
-            self.config.data.eval_images, len(self.loader.val_data))
+            self.config.data.eval_images, len(self.loader.report_data))
     if n <= 0:
       return {}
     bpp = self._actual_bpp(stage, variables, n) if jax.process_index() == 0 else 0.0
@@ -254,7 +257,7 @@ class Evaluator:
     from tcr_jax.codec import bitstream, files
     host = lambda tree: jax.tree.map(np.asarray, tree)
     variables, frozen = host(variables), host(stage.frozen)
-    images = self.loader.val_data.batch(range(n))["image"]
+    images = self.loader.report_data.batch(range(n))["image"]
     pixels = objectives.rate_pixels(
         images.shape[1], images.shape[2],
         "full" if stage.kind == "base" else self.config.task.enhancement_rate_pixels)

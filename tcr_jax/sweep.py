@@ -8,9 +8,11 @@ For every alpha of config.sweep.alphas:
      scratch, or (config.sweep.standalone_mode "refit", the authors') the
      last conditional enhancement of this alpha with only its entropy model
      refitted.
-Each trained model is evaluated on the validation split and becomes one
-record of results.json; rd.py then writes bd_rate.md and the RD plots, and
-previews/ gets the outputs of the first validation images.
+Each trained model is evaluated on config.eval.split (the validation split,
+or "test", scenes that no choice saw) and becomes one record of
+results.json; rd.py then writes bd_rate.md and the RD plots, and previews/
+gets the outputs of that split's first images. Early stopping and the choice
+of a stage's result use the validation split only.
 
 With train.base_pretrain_steps > 0 (the :synthetic demo), each method first
 trains one start at the first alpha (stage base_start_METHOD_alphaA, that
@@ -150,8 +152,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   _write_previews(exp, previews)
   reads = exp.loader.reads
   print(f"[process {jax.process_index()} of {jax.process_count()}] read "
-        f"{reads['train']} training and {reads['validation']} validation "
-        "samples", flush=True)
+        + " and ".join(f"{n} {split}" for split, n in reads.items())
+        + " samples", flush=True)
   if jax.process_index() == 0:
     from tcr_jax import rd
     print(rd.write_report(records, workdir, c.experiment,
@@ -179,7 +181,7 @@ def reference_record(c, exp: train.Experiment) -> dict | None:
   values = np.zeros(len(names), np.float32)
   if jax.process_index() == 0:
     refs = references.trivial_references(
-        exp.loader.train_data, exp.loader.val_data,
+        exp.loader.train_data, exp.loader.report_data,
         c.eval.reference_train_images, exp.eval_images)
     values = np.array([np.nan if refs[n] is None else refs[n] for n in names],
                       np.float32)
@@ -196,8 +198,9 @@ def _write_previews(exp: train.Experiment, previews) -> None:
   n = exp.config.eval.previews
   for alpha, method, bstage, bvars, estage, evars in previews:
     path = os.path.join(exp.workdir, "previews", f"alpha{alpha:g}_{method}.png")
-    _, base_out = exp.evaluator.evaluate(bstage, bvars, n, keep_outputs=n)
-    _, enh_out = exp.evaluator.evaluate(estage, evars, n, keep_outputs=n)
+    split = exp.loader.report_split
+    _, base_out = exp.evaluator.evaluate(bstage, bvars, n, keep_outputs=n, split=split)
+    _, enh_out = exp.evaluator.evaluate(estage, evars, n, keep_outputs=n, split=split)
     if jax.process_index() == 0:
       rd.save_preview(path, base_out, enh_out, exp.config.task.enhancement)
 
@@ -213,7 +216,7 @@ BASE_FIELDS = (
     "train.base_pretrain_steps", "train.finetune_lr_scale", "train.finetune_chain",
     "train.lr_schedule", "train.warmup_steps", "train.base_grad_clip",
     "train.base_select", "train.base_patience", "train.eval_every",
-    "train.eval_images_during_training", "eval.actual_bits_images",
+    "train.eval_images_during_training", "eval.actual_bits_images", "eval.split",
     "init.depth_backbone", "init.depth_head")
 
 

@@ -205,7 +205,8 @@ class Experiment:
         raise UserError(f"{what}={b} is not divisible by the {n_dev} devices")
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P("data"))
-    self.eval_images = min(config.data.eval_images, len(self.loader.val_data))
+    self.eval_images = min(config.data.eval_images, len(self.loader.val_data),
+                           len(self.loader.report_data))
     self.base = models.base_model(config)
     self.enh = models.enhancement_model(config)
     evaluator = evaluate.Evaluator
@@ -373,7 +374,8 @@ def run_stage(exp: Experiment, stage: Stage, writer_factory
     mngr.wait_until_finished()
     result = checkpoints.result_step(mngr)
     variables = checkpoints.restore_variables(mngr, variables_template)
-  metrics, _ = exp.evaluator.evaluate(stage, variables, exp.eval_images)
+  metrics, _ = exp.evaluator.evaluate(stage, variables, exp.eval_images,
+                                      split=exp.loader.report_split)
   metrics.update(exp.evaluator.actual_rates(stage, variables))
   checkpoints.write_json(os.path.join(stage_dir, checkpoints.DONE),
                          {"stage": stage.name, "hp": stage.hp,

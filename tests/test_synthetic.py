@@ -181,7 +181,7 @@ def test_length_and_bad_arguments():
   with pytest.raises(UserError):
     val[-1]
   with pytest.raises(UserError):
-    SyntheticScenes("test")
+    SyntheticScenes("tset")
   for h, w in ((8, 64), (32, 15), (0, 64), (32.0, 64), ("32", 64)):
     with pytest.raises(UserError):
       SyntheticScenes("train", h, w)
@@ -237,5 +237,5 @@ def test_contact_sheet(tmp_path):
     with pytest.raises(UserError):
       preview.write_contact_sheet(str(tmp_path / "bad.png"), num=num)
   with pytest.raises(UserError):
-    preview.write_contact_sheet(str(tmp_path / "bad.png"), split="test")
+    preview.write_contact_sheet(str(tmp_path / "bad.png"), split="tset")
   assert not (tmp_path / "bad.png").exists()

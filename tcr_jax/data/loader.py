@@ -1,14 +1,16 @@
 """Batches for the jitted steps: this process's share, as global arrays.
 
 `Loader(config, mesh)` opens the train and validation splits
-(`make_dataset`) and hands out
+(`make_dataset`), and the split config.eval.split that final figures are
+reported on when it is another one ("test"), and hands out
 
   train_batch(stage, step)  global batch `step` of a stage (indices from
                             tcr_jax.data.sampler, augmented on the host)
   train_batches(stage, a, b)  the same for steps a..b-1, made ahead on a
                             background thread
-  val_batches(count)        the first `count` validation images in batches
-                            of eval.batch_size, padded to full batches;
+  val_batches(count, split) the first `count` images of the validation (or
+                            report) split in batches of eval.batch_size,
+                            padded to full batches;
                             "weight" is 1 for real images, 0 for padding
 
 Each process reads only its share of every batch (sampler.process_share) and
@@ -31,8 +33,13 @@ class Loader:
     self.config = config
     self.train_data = make_dataset(config, "train")  # data errors first
     self.val_data = make_dataset(config, "validation")
+    self.report_split = config.eval.get("split", "validation")
+    self.data = {"train": self.train_data, "validation": self.val_data}
+    if self.report_split not in self.data:
+      self.data[self.report_split] = make_dataset(config, self.report_split)
+    self.report_data = self.data[self.report_split]
     self.sharding = None if mesh is None else NamedSharding(mesh, P("data"))
-    self.reads = {"train": 0, "validation": 0}
+    self.reads = {split: 0 for split in self.data}
 
   def _share(self, indices) -> np.ndarray:
     return sampler.process_share(indices, jax.process_index(),
@@ -45,8 +52,7 @@ class Loader:
   def _read(self, split: str, indices) -> dict[str, np.ndarray]:
     indices = self._share(indices)
     self.reads[split] += len(indices)
-    dataset = self.train_data if split == "train" else self.val_data
-    return dataset.batch(indices)
+    return self.data[split].batch(indices)
 
   def to_global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     return {k: jax.make_array_from_process_local_data(self.sharding, v)
@@ -93,26 +99,28 @@ class Loader:
     return augment.augment_batch(batch, rng, c.data.hflip, c.data.color_jitter,
                                  rows=self._rows(b), global_size=b)
 
-  def val_batches(self, count: int) -> Iterator[dict[str, jax.Array]]:
+  def val_batches(self, count: int, split: str = "validation"
+                  ) -> Iterator[dict[str, jax.Array]]:
     b = self.config.eval.batch_size
-    groups = getattr(self.val_data, "groups", None)
+    groups = getattr(self.data[split], "groups", None)
     if groups is not None:  # one canvas per batch: group by group
-      yield from self._grouped_val_batches(count, b, np.asarray(groups))
+      yield from self._grouped_val_batches(count, b, np.asarray(groups), split)
       return
     for start in range(0, count, b):
       idx = np.arange(start, start + b)
-      batch = self._read("validation", np.minimum(idx, count - 1))
+      batch = self._read(split, np.minimum(idx, count - 1))
       batch["weight"] = self._share((idx < count).astype(np.float32))
       yield self.to_global(batch)
 
-  def _grouped_val_batches(self, count: int, b: int, groups: np.ndarray):
+  def _grouped_val_batches(self, count: int, b: int, groups: np.ndarray,
+                           split: str):
     """The first `count` images, batched within their groups (in order),
     each group's last batch padded with its last image (weight 0)."""
     for g in np.unique(groups[:count]):
       members = np.flatnonzero(groups[:count] == g)
       for start in range(0, len(members), b):
         pos = np.arange(start, start + b)
-        batch = self._read("validation",
+        batch = self._read(split,
                            members[np.minimum(pos, len(members) - 1)])
         batch["weight"] = self._share((pos < len(members)).astype(np.float32))
         yield self.to_global(batch)

@@ -12,7 +12,7 @@ from tcr_jax.errors import UserError
 VALIDATION_SIZE = 500
 TRAIN_SIZE = 2**31 - 1
 
-_SPLIT_IDS = {"train": 0, "validation": 1}
+_SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
 _MIN_SIZE = 16
 
 
@@ -28,8 +28,9 @@ class SyntheticScenes:
 
   Sample `i` of split `split` is rendered from
   `np.random.default_rng([seed, split_id, i])`, so the splits never share a
-  scene. `len()` is VALIDATION_SIZE for "validation" and TRAIN_SIZE (in effect
-  unbounded) for "train".
+  scene. `len()` is VALIDATION_SIZE for "validation" and "test" (scenes that
+  no choice of a config or of a stopping step sees: the :reproduction
+  variant reports on them) and TRAIN_SIZE (in effect unbounded) for "train".
   """
 
   def __init__(self, split: str = "train", height: int = 128,
@@ -41,7 +42,7 @@ class SyntheticScenes:
     self.height = _check_int("height", height, _MIN_SIZE)
     self.width = _check_int("width", width, _MIN_SIZE)
     self.seed = _check_int("seed", seed, 0)
-    self._size = VALIDATION_SIZE if split == "validation" else TRAIN_SIZE
+    self._size = TRAIN_SIZE if split == "train" else VALIDATION_SIZE
 
   def __len__(self) -> int:
     return self._size
