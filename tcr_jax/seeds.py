@@ -105,6 +105,7 @@ def checks(records: list[dict]) -> list[tuple[str, bool, str]]:
                 " ".join(f"{a:g}: {b:.2f}<{p:.2f}" if p > b else
                          f"{a:g}: {b:.2f}>={p:.2f}" for a, b, p in pairs)))
   comps = rd.comparisons(records)
+  out += regime_checks(records, comps)
   bds = [v for c in comps for v in c["bd"].values()]
   if bds:
     finite = [v for v in bds if _finite(v)]
@@ -117,8 +118,79 @@ def checks(records: list[dict]) -> list[tuple[str, bool, str]]:
   return out
 
 
+# The :reproduction variant's bars (docs/reproduction.md): the paper's
+# regime, and Figure 3's.
+DEPTH_MARGIN = 0.15          # every base this far below the mean map
+OBJECTS_MARGIN = 0.30        # ... and this far on people and vehicles
+REWARD_SHARE = 1 / 3         # reward / D_b at most
+OVERLAP = 0.5                # base rates overlap by this share of the narrower range
+SIDE_INFORMATION_BD = -25.0  # proposal's R_e vs the standalone's, PCHIP, at most (%)
+DEPTH_BD_LIMIT = 10.0        # proposal's depth BD-rate vs the baseline, PCHIP, at most (%)
+
+
+def regime_checks(records: list[dict], comps: list[dict]) -> list[tuple[str, bool, str]]:
+  """The checks of the paper's regime that the records allow."""
+  out = []
+  ref = next((r for r in records if r.get("method") == "trivial"), {})
+  bases = [r for r in records if r["layer"] == "base"]
+  for key, ref_key, margin, where in (
+      ("depth_rmse", "mean_disparity_rmse", DEPTH_MARGIN, ""),
+      ("depth_rmse_objects", "mean_disparity_rmse_objects", OBJECTS_MARGIN,
+       " on people and vehicles")):
+    values = [r[key] for r in bases if r.get(key) is not None]
+    if ref.get(ref_key) and values:
+      worst = max(values) / ref[ref_key] - 1
+      out.append((f"every base model's depth RMSE{where} at least {margin:.0%} "
+                  "below the per-pixel mean's", worst <= -margin,
+                  f"worst {worst:+.0%} ({max(values):.3f} vs {ref[ref_key]:.3f} px)"))
+  shares = [(r["alpha"], reward / r["depth_rmse"]) for r, reward in rd.rewards(records)]
+  if shares:
+    out.append((f"the proposal's reward at most {REWARD_SHARE:.2f} of its task "
+                "term at every alpha", all(v <= REWARD_SHARE for _, v in shares),
+                " ".join(f"{a:g}: {v:.2f}" for a, v in shares)))
+  ranges = [[r["bpp_base"] for r in bases if r["method"] == m
+             and r.get("bpp_base") is not None] for m in ("baseline", "proposal")]
+  if all(len(v) >= 2 for v in ranges):
+    common = min(map(max, ranges)) - max(map(min, ranges))
+    narrower = min(max(v) - min(v) for v in ranges)
+    share = common / narrower if narrower > 0 else 0.0
+    out.append((f"the two methods' base rates overlap by at least {OVERLAP:.0%} of "
+                "the narrower range", share >= OVERLAP, f"{share:.0%}"))
+  bd = {(c["title"].split(":")[0], c["anchor"], c["test"]): c["bd"]["pchip"]
+        for c in comps}
+  side = bd.get(("side information", "standalone", "proposal"))
+  if side is not None:
+    out.append((f"side information: the proposal's conditional enhancement spends "
+                f"at least {-SIDE_INFORMATION_BD:g}% less R_e than the standalone "
+                "(PCHIP)", _finite(side) and side <= SIDE_INFORMATION_BD,
+                rd._fmt_bd(side)))
+  richer = bd.get(("side information", "baseline", "proposal"))
+  if richer is not None:
+    out.append(("side information: the proposal's conditional enhancement spends "
+                "less R_e than the baseline's (PCHIP)", _finite(richer) and richer < 0,
+                rd._fmt_bd(richer)))
+  depth = bd.get(("base task", "baseline", "proposal"))
+  if depth is not None and any(r.get("depth_rmse") is not None for r in bases):
+    out.append((f"the proposal's depth BD-rate against the baseline at most "
+                f"+{DEPTH_BD_LIMIT:g}% (PCHIP)",
+                _finite(depth) and depth <= DEPTH_BD_LIMIT, rd._fmt_bd(depth)))
+  return out
+
+
 def _finite(v) -> bool:
   return isinstance(v, float) and math.isfinite(v)
+
+
+def _mean_sd(values, fmt) -> str:
+  """Mean and sample standard deviation over the seeds, when every seed has
+  a number; "-" otherwise."""
+  if not values or not all(_finite(v) for v in values):
+    return "-"
+  mean = sum(values) / len(values)
+  if len(values) == 1:
+    return fmt(mean)
+  sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+  return f"{fmt(mean)} ({fmt(sd).lstrip('+')})"
 
 
 def _sign(v) -> str | None:
@@ -144,9 +216,9 @@ def report(workdirs: Sequence[str]) -> str:
            "anchor's at equal rate (for depth RMSE negative is better). As in "
            "each workdir's bd_rate.md.", "",
            "| comparison | anchor | test | delta | "
-           + " | ".join(f"seed {s}" for s in seeds) + " | same sign on all |",
+           + " | ".join(f"seed {s}" for s in seeds) + " | mean (sd) | same sign on all |",
            "| --- | --- | --- | --- | " + " | ".join("---" for _ in seeds)
-           + " | --- |"]
+           + " | --- | --- |"]
   for key in keys:
     for field, name, fmt in (("bd", "BD-rate", rd._fmt_bd),
                              ("bdq", "BD-quality", rd._fmt_bdq)):
@@ -159,7 +231,8 @@ def report(workdirs: Sequence[str]) -> str:
         held = (f"yes ({signs.pop()})" if len(signs) == 1 and None not in signs
                 else "no")
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {name} ({method}) | "
-                     + " | ".join(fmt(v) for v in values) + f" | {held} |")
+                     + " | ".join(fmt(v) for v in values)
+                     + f" | {_mean_sd(values, fmt)} | {held} |")
   lines += ["", "## Checks", "",
             "| check | " + " | ".join(f"seed {s}" for s in seeds) + " |",
             "| --- | " + " | ".join("---" for _ in seeds) + " |"]

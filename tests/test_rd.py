@@ -109,8 +109,16 @@ def test_report_writes_table_and_plots(tmp_path):
   row = next(l for l in text.splitlines() if l.startswith("| base task"))
   assert "-20.00%" in row  # proposal needs 80% of the baseline's base rate
   assert row.count("no overlap") == 0 and len(row.split("|")) == 10
-  for name in ("rd_base_task.png", "rd_base_reconstruction.png", "rd_enhancement.png"):
+  for name in ("rd_base_task.png", "rd_base_reconstruction.png", "rd_enhancement.png",
+               "rd_side_information.png"):
     assert (tmp_path / name).stat().st_size > 1000
+  # R_e alone: the conditional enhancements spend 0.5/1.2 of the standalone's
+  # at equal PSNR, whatever their base's rate; baseline and proposal alike.
+  side = [l for l in text.splitlines() if l.startswith("| side information")]
+  assert [l.split(" | ")[1:3] for l in side] == [
+      ["standalone", "baseline"], ["standalone", "proposal"], ["baseline", "proposal"]]
+  assert side[0].count("-58.33%") == 2 and side[1].count("-58.33%") == 2
+  assert side[2].count("+0.00%") == 2
 
 
 
@@ -121,9 +129,12 @@ def test_rd_figure_draws_the_report_plots_side_by_side():
   assert matplotlib.get_backend() == backend  # no backend switch (notebooks)
   axes = fig.get_axes()
   assert [ax.get_title() for ax in axes] == [
-      "x: base task", "x: reconstruction from the base", "x: enhancement"]
+      "x: base task", "x: reconstruction from the base", "x: enhancement",
+      "x: side information"]
   labels = [sorted(line.get_label() for line in ax.get_lines()) for ax in axes]
-  assert labels == [["baseline", "proposal"]] * 2 + [["baseline", "proposal", "standalone"]]
+  assert labels == ([["baseline", "proposal"]] * 2
+                    + [["baseline", "proposal", "standalone"]] * 2)
+  assert axes[3].get_xlabel() == "bpp (enhancement)"
   base_task = {l.get_label(): l.get_xydata() for l in axes[0].get_lines()}
   assert base_task["proposal"][:, 1].tolist() == [7.0, 6.0, 5.0]  # sorted by rate
 

@@ -15,14 +15,17 @@ def _records(recon_gain: float = 1.0) -> list[dict]:
   """A sweep where everything behaves: rates fall with alpha, quality rises
   with rate, the proposal's base reconstructs `recon_gain` dB better."""
   recs = [{"layer": "reference", "method": "trivial",
-           "constant_disparity_rmse": 1.7, "mean_disparity_rmse": 0.70,
-           "mean_image_psnr": 15.0}]
+           "constant_disparity_rmse": 1.7, "mean_disparity_rmse": 0.75,
+           "mean_disparity_rmse_objects": 1.8, "mean_image_psnr": 15.0}]
   for i, a in enumerate(ALPHAS):
     for method, gain in (("baseline", 0.0), ("proposal", recon_gain)):
       bpp = 0.4 - 0.08 * i + (0.01 if method == "proposal" else 0.0)
       base = {"layer": "base", "method": method, "alpha": a,
               "bpp_base": bpp, "depth_rmse": 0.55 + 0.02 * i,
+              "depth_rmse_objects": 1.0 + 0.05 * i,
               "psnr_from_base": 19.5 + gain - 0.5 * i}
+      if method == "proposal":  # reward 0.1: a sixth of D_b
+        base.update(beta=0.005, loss=a * bpp + base["depth_rmse"] + 0.1)
       recs.append(base)
       recs.append({**base, "layer": "enhancement",
                    "bpp_enhancement": 0.5 - 0.1 * i,
@@ -44,7 +47,8 @@ def _write(path, records, seed):
 
 def test_checks_hold_on_a_well_behaved_sweep():
   results = seeds.checks(_records())
-  assert len(results) == 13  # 3 references, 7 curves, mechanism, 2 finite
+  # 3 references, 7 curves, mechanism, 7 of the regime, 2 finite
+  assert len(results) == 20
   assert all(held for _, held, _ in results), results
 
 
@@ -65,11 +69,49 @@ def test_each_check_fails_on_its_own_defect():
                 == (layer, method, alpha))
 
   recs = _records()
-  find(recs, "base", "baseline", 0.02)["depth_rmse"] = 0.71  # > the mean map
+  find(recs, "base", "baseline", 0.02)["depth_rmse"] = 0.76  # > the mean map
   assert failed(recs) == ["every base model's depth RMSE below the per-pixel "
                           "mean's", "baseline depth: rate falls as alpha "
                           "rises, quality rises with rate",
+                          "every base model's depth RMSE at least 15% below the "
+                          "per-pixel mean's",
+                          # no depth BD-rate: the baseline's curve turns back
+                          "the proposal's depth BD-rate against the baseline at "
+                          "most +10% (PCHIP)",
                           "every BD-rate is a finite number"]
+  recs = _records()
+  find(recs, "base", "proposal", 1.28)["depth_rmse_objects"] = 1.3  # -28%
+  assert failed(recs) == ["every base model's depth RMSE on people and vehicles "
+                          "at least 30% below the per-pixel mean's"]
+  recs = _records()
+  find(recs, "base", "proposal", 0.32)["loss"] += 0.15  # reward 0.25 of 0.59
+  assert failed(recs) == ["the proposal's reward at most 0.33 of its task term "
+                          "at every alpha"]
+  recs = _records()
+  for r in recs:  # the proposal's base rates above all of the baseline's
+    if r["layer"] != "reference" and r["method"] == "proposal":
+      r["bpp_base"] += 0.2
+  assert ("the two methods' base rates overlap by at least 50% of the narrower "
+          "range") in failed(recs)
+  recs = _records()
+  for r in recs:  # the standalone enhancement as cheap as the conditional ones
+    if r["layer"] == "enhancement" and r["method"] == "standalone":
+      r["bpp_enhancement"] = 0.5 - 0.1 * ALPHAS.index(r["alpha"])
+      r["psnr"] += 1.3
+  assert ("side information: the proposal's conditional enhancement spends at "
+          "least 25% less R_e than the standalone (PCHIP)") in failed(recs)
+  recs = _records()
+  for r in recs:  # the proposal's enhancement spends 20% more R_e
+    if r["layer"] == "enhancement" and r["method"] == "proposal":
+      r["bpp_enhancement"] *= 1.2
+  assert ("side information: the proposal's conditional enhancement spends "
+          "less R_e than the baseline's (PCHIP)") in failed(recs)
+  recs = _records()
+  for r in recs:  # the proposal's base spends 30% more for the same depth
+    if r["layer"] == "base" and r["method"] == "proposal":
+      r["bpp_base"] *= 1.3
+  assert ("the proposal's depth BD-rate against the baseline at most +10% "
+          "(PCHIP)") in failed(recs)
   recs = _records(recon_gain=-0.5)  # the proposal's base reconstructs worse
   assert "proposal's reconstruction from the base beats the baseline's at " \
          "every alpha" in failed(recs)
@@ -105,6 +147,12 @@ def test_report_gives_every_seed_and_whether_signs_held(tmp_path, capsys):
   assert len(recon) == 4
   assert all(r.endswith("| yes (-) |") for r in recon if "BD-rate" in r)
   assert all(r.endswith("| yes (+) |") for r in recon if "BD-quality" in r)
+  # Mean and standard deviation over the seeds: the same value on both seeds
+  # has that mean and no spread; the flipped enhancement has a spread.
+  cells = [c.strip() for c in recon[0].strip("|").split("|")]
+  assert cells[6] == f"{cells[4]} (0.00%)" and cells[4] == cells[5]
+  enh = [c.strip() for c in rows[0].strip("|").split("|")]
+  assert enh[4] != enh[5] and enh[6].endswith(")") and "(0.00" not in enh[6]
   assert "seed 0" in text and "seed 1" in text
   assert "**missed**" in text  # seed 1's enhancement falls under 22 dB
 
