@@ -194,7 +194,7 @@ def reference_record(c, exp: train.Experiment) -> dict | None:
 
 def _write_previews(exp: train.Experiment, previews) -> None:
   """Every process evaluates (a collective); process 0 draws."""
-  from tcr_jax import rd
+  from tcr_jax import previews as drawing
   n = exp.config.eval.previews
   for alpha, method, bstage, bvars, estage, evars in previews:
     path = os.path.join(exp.workdir, "previews", f"alpha{alpha:g}_{method}.png")
@@ -202,7 +202,7 @@ def _write_previews(exp: train.Experiment, previews) -> None:
     _, base_out = exp.evaluator.evaluate(bstage, bvars, n, keep_outputs=n, split=split)
     _, enh_out = exp.evaluator.evaluate(estage, evars, n, keep_outputs=n, split=split)
     if jax.process_index() == 0:
-      rd.save_preview(path, base_out, enh_out, exp.config.task.enhancement)
+      drawing.save_preview(path, base_out, enh_out, exp.config.task.enhancement)
 
 
 # The config fields that shape a depth sweep's base stages (their names,
