@@ -51,6 +51,7 @@ def test_reproduction_config_and_bad_splits(configs):
     configs.load("detection_recon", "reproduction")
 
 
+@pytest.mark.slow
 def test_stage_stops_on_validation_and_reports_on_test(tmp_path, configs):
   """Evaluations during training read the validation scenes; the stage's
   figures (done.json, results.json) are those of the test scenes."""
