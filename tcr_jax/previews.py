@@ -48,9 +48,7 @@ def save_preview(path: str, base_out: dict, enh_out: dict, task: str) -> None:
       ax.axis("off")
       if i == 0:
         ax.set_title(titles[j], fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def _draw_boxes(ax, boxes, labels, colour, scores=None) -> None:
@@ -93,6 +91,11 @@ def save_detection_preview(path: str, base_out: dict, enh_out: dict,
       ax.axis("off")
       if i == 0:
         ax.set_title(titles[j], fontsize=8)
+  _save(fig, path)
+
+
+def _save(fig, path: str) -> None:
+  import matplotlib.pyplot as plt
   fig.tight_layout()
   fig.savefig(path, dpi=90)
   plt.close(fig)
