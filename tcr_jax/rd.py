@@ -17,6 +17,7 @@ defined where the rate ranges overlap.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import Sequence
@@ -244,6 +245,7 @@ def write_report(records: list[dict], workdir: str, experiment: str,
                  f"{_fmt_bdq(c['bdq']['cubic'])} | {_fmt_bdq(c['bdq']['pchip'])} |")
   lines += _reward_lines(records)
   lines += _reference_lines(records)
+  lines += stage_lines(workdir)
   text = "\n".join(lines) + "\n"
   with open(os.path.join(workdir, "bd_rate.md"), "w") as f:
     f.write(text)
@@ -293,6 +295,31 @@ def _reward_lines(records) -> list[str]:
   for r, reward in rows:
     lines.append(f"| {r['alpha']:g} | {r['beta']:g} | {r['depth_rmse']:.3f} | "
                  f"{reward:.3f} | {reward / r['depth_rmse']:.2f} |")
+  return lines
+
+
+def stage_lines(workdir: str) -> list[str]:
+  """Per finished stage (WORKDIR/stages/*/done.json): its step cap, the steps
+  it trained, the step of its result (the best validation evaluation), and
+  whether early stopping ended it or the cap did."""
+  root = os.path.join(workdir, "stages")
+  done = []
+  for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+    path = os.path.join(root, name, "done.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        done.append((name, json.load(f)))
+  done = [(n, d) for n, d in done if d.get("trained_steps") is not None]
+  if not done:
+    return []
+  lines = ["", "Training (early stopping on the validation scenes):", "",
+           "| stage | cap | trained | result at step | ended by |",
+           "| --- | --- | --- | --- | --- |"]
+  for name, d in done:
+    cap, trained, result = d["steps"], d["trained_steps"], d.get("result_step")
+    ended = ("early stopping" if trained < cap else
+             "the cap, still improving" if result == cap else "the cap")
+    lines.append(f"| {name} | {cap} | {trained} | {result} | {ended} |")
   return lines
 
 

@@ -122,6 +122,20 @@ def test_report_writes_table_and_plots(tmp_path):
 
 
 
+def test_report_says_how_each_stage_ended(tmp_path):
+  for name, steps, trained, result in (("base_a", 100, 60, 30), ("base_b", 100, 100, 100),
+                                       ("enh_c", 100, 100, 75)):
+    os.makedirs(tmp_path / "stages" / name)
+    (tmp_path / "stages" / name / "done.json").write_text(json.dumps(
+        {"steps": steps, "trained_steps": trained, "result_step": result}))
+  os.makedirs(tmp_path / "stages" / "unfinished")
+  text = rd.write_report(_records(), str(tmp_path), "x")
+  assert "| base_a | 100 | 60 | 30 | early stopping |" in text
+  assert "| base_b | 100 | 100 | 100 | the cap, still improving |" in text
+  assert "| enh_c | 100 | 100 | 75 | the cap |" in text
+  assert "unfinished" not in text
+
+
 def test_rd_figure_draws_the_report_plots_side_by_side():
   import matplotlib
   backend = matplotlib.get_backend()
