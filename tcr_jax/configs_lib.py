@@ -217,10 +217,12 @@ def experiment_config(experiment: str, enhancement_task: str,
     #   the depth term (at 0.01 it was half of it on these scenes);
     # - alphas a factor 8 apart, so that the two methods' base rates overlap;
     # - a constant learning rate (a cosine to zero at a step cap would decide
-    #   when training ends, not the validation loss): one start per method,
-    #   trained until its validation loss stops improving, then each alpha
-    #   fine-tunes the alpha before it (down the rate) at 0.3 times the rate,
-    #   each stage with early stopping; the caps say where they bind;
+    #   when training ends, not the validation loss): one start per method
+    #   (early stopping: 3 evaluations 250 steps apart without a better
+    #   validation loss; cap 2500 steps), then each alpha fine-tunes the
+    #   alpha before it (down the rate) at 0.3 times the rate for at most 750
+    #   steps, keeping its best validation evaluation (too short for the
+    #   patience to end it); bd_rate.md says what ended each stage;
     # - enhancements trained long enough to learn to use the side information
     #   (after the demo's 250 steps they gain nothing from it);
     # - figures on 256 test scenes; choices on 128 validation scenes.

@@ -222,6 +222,9 @@ def write_report(records: list[dict], workdir: str, experiment: str,
   trivial references where it has been measured."""
   from tcr_jax import ceiling
   ceiling_record = ceiling.load(workdir)
+  split = next((r["split"] for r in records if r.get("split")), None)
+  if ceiling_record and ceiling_record.get("split", split) != split:
+    ceiling_record = None  # measured on other images than the models
   if ceiling_record and not any(r.get("method") == "ceiling" for r in records):
     records = [*records, ceiling_record]
   comps = comparisons(records)
@@ -328,8 +331,9 @@ def _reference_lines(records) -> list[str]:
   refs = _references(records)
   if not refs:
     return []
+  split = next((r["split"] for r in records if r.get("split")), "validation")
   lines = ["", "References (the trivial ones from the training split; every "
-           "figure measured on the validation images) and the best base model "
+           f"figure measured on the {split} images) and the best base model "
            "of each method:", "",
            "| reference | value | baseline | proposal |", "| --- | --- | --- | --- |"]
   for method, key, label, model_key, lower in _REFERENCES:

@@ -61,10 +61,11 @@ def record(c, layer: str, method: str, alpha: float, beta, m: dict) -> dict:
       "psnr_from_base": m.get("psnr_from_base"),
       enh_metric: m.get(enh_metric),
       "loss": m.get("loss"),
-      # Real file sizes on the first `actual_images` validation images.
+      # Real file sizes on the first `actual_images` images of the split.
       "bpp_actual_base": m.get("bpp_actual_base"),
       "bpp_actual_enhancement": m.get("bpp_actual_enhancement"),
       "actual_images": m.get("actual_images"),
+      "split": c.eval.get("split", "validation"),  # the images measured
   }
 
 
@@ -189,6 +190,7 @@ def reference_record(c, exp: train.Experiment) -> dict | None:
     from jax.experimental import multihost_utils
     values = np.asarray(multihost_utils.broadcast_one_to_all(values))
   return {"experiment": c.experiment, "layer": "reference", "method": "trivial",
+          "split": c.eval.get("split", "validation"),
           **{n: float(v) if np.isfinite(v) else None for n, v in zip(names, values)}}
 
 
@@ -241,6 +243,8 @@ def adopt_bases(c, workdir: str, source: str) -> list[str]:
     raise UserError("config.sweep.bases_from is for depth sweeps")
   mine = json.loads(c.to_json())
   other = json.loads(compression.workdir_config(source).to_json())
+  for tree in (mine, other):  # workdirs from before eval.split: validation
+    tree.setdefault("eval", {}).setdefault("split", "validation")
   differ = [f for f in BASE_FIELDS if _field(mine, f) != _field(other, f)]
   if differ:
     path = differ[0]

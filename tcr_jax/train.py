@@ -362,6 +362,10 @@ def run_stage(exp: Experiment, stage: Stage, writer_factory
   mngr = checkpoints.manager(stage_dir, async_save=done is None)
   with mngr:
     if done is not None:
+      if done.get("split", exp.loader.report_split) != exp.loader.report_split:
+        raise UserError(f"stage {stage.name} was measured on the {done['split']} "
+                        f"images, this config's eval.split is "
+                        f"{exp.loader.report_split!r}; use another workdir")
       log(f"[{stage.name}] finished earlier: {_fmt(done['metrics'])}")
       return (checkpoints.restore_variables(mngr, variables_template),
               done["metrics"])
@@ -380,7 +384,8 @@ def run_stage(exp: Experiment, stage: Stage, writer_factory
   checkpoints.write_json(os.path.join(stage_dir, checkpoints.DONE),
                          {"stage": stage.name, "hp": stage.hp,
                           "steps": stage.steps, "trained_steps": last,
-                          "result_step": result, "metrics": metrics})
+                          "result_step": result, "split": exp.loader.report_split,
+                          "metrics": metrics})
   log(f"[{stage.name}] done: {_fmt(metrics)}")
   return variables, metrics
 

@@ -39,6 +39,17 @@ def test_finished_base_stages_are_copied_and_nothing_else(tmp_path, configs):
   assert sweep.adopt_bases(seg, str(tmp_path / "seg"), str(tmp_path / "recon")) == []
 
 
+def test_a_workdir_from_before_eval_split_measured_on_validation(tmp_path, configs):
+  old = configs.smoke("depth_recon")
+  del old.eval["split"]
+  _fake_sweep(tmp_path / "recon", old)
+  seg = configs.smoke("depth_seg")
+  assert sweep.adopt_bases(seg, str(tmp_path / "seg"), str(tmp_path / "recon"))
+  on_test = configs.smoke("depth_seg", **{"eval.split": "test"})
+  with pytest.raises(UserError, match="its eval.split is 'validation', here 'test'"):
+    sweep.adopt_bases(on_test, str(tmp_path / "seg2"), str(tmp_path / "recon"))
+
+
 @pytest.mark.parametrize("field, value", [("sweep.beta", 0.5), ("seed", 3),
                                           ("train.base_steps", 7),
                                           ("model.latent_channels", 16)])

@@ -136,6 +136,17 @@ def test_report_says_how_each_stage_ended(tmp_path):
   assert "unfinished" not in text
 
 
+def test_a_ceiling_measured_on_other_images_stays_out_of_the_report(tmp_path):
+  records = [{**r, "split": "test"} for r in _records()]
+  ceiling = {"layer": "reference", "method": "ceiling", "depth_rmse": 4.0,
+             "depth_rmse_objects": 5.0}
+  for split, shown in (("test", True), ("validation", False)):
+    (tmp_path / "ceiling.json").write_text(json.dumps({**ceiling, "split": split}))
+    text = rd.write_report(records, str(tmp_path), "x")
+    assert ("(ceiling)" in text) == shown
+    assert "every figure measured on the test images" in text or not shown
+
+
 def test_rd_figure_draws_the_report_plots_side_by_side():
   import matplotlib
   backend = matplotlib.get_backend()

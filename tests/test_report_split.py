@@ -72,8 +72,14 @@ def test_stage_stops_on_validation_and_reports_on_test(tmp_path, configs):
   on_validation, _ = evaluate(stage, variables, exp.eval_images)
   assert metrics["depth_rmse"] == pytest.approx(on_test["depth_rmse"])
   assert metrics["depth_rmse"] != pytest.approx(on_validation["depth_rmse"])
-  done = checkpoints.read_json(str(tmp_path / "stages" / "base" / "done.json"))
+  path = str(tmp_path / "stages" / "base" / "done.json")
+  done = checkpoints.read_json(path)
+  assert done["split"] == "test"
   assert done["metrics"]["depth_rmse"] == pytest.approx(on_test["depth_rmse"])
+  # A finished stage measured on other images is not mixed into this run's.
+  checkpoints.write_json(path, {**done, "split": "validation"})
+  with pytest.raises(UserError, match="measured on the validation images"):
+    train.run_stage(exp, stage, lambda _: _NullWriter())
 
 
 class _NullWriter:

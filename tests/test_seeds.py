@@ -47,9 +47,10 @@ def _write(path, records, seed):
 
 def test_checks_hold_on_a_well_behaved_sweep():
   results = seeds.checks(_records())
-  # 3 references, 7 curves, mechanism, 7 of the regime, 2 finite
-  assert len(results) == 20
+  assert len(results) == 13  # 3 references, 7 curves, mechanism, 2 finite
   assert all(held for _, held, _ in results), results
+  regime = seeds.regime_checks(_records())
+  assert len(regime) == 7 and all(held for _, held, _ in regime), regime
 
 
 def test_a_proposal_better_at_every_rate_has_a_bd_quality_only():
@@ -62,7 +63,8 @@ def test_a_proposal_better_at_every_rate_has_a_bd_quality_only():
 
 def test_each_check_fails_on_its_own_defect():
   def failed(recs):
-    return [what for what, held, _ in seeds.checks(recs) if not held]
+    return [what for what, held, _ in seeds.checks(recs) + seeds.regime_checks(recs)
+            if not held]
 
   def find(recs, layer, method, alpha):
     return next(r for r in recs if (r["layer"], r["method"], r.get("alpha"))
@@ -73,12 +75,12 @@ def test_each_check_fails_on_its_own_defect():
   assert failed(recs) == ["every base model's depth RMSE below the per-pixel "
                           "mean's", "baseline depth: rate falls as alpha "
                           "rises, quality rises with rate",
+                          "every BD-rate is a finite number",
                           "every base model's depth RMSE at least 15% below the "
                           "per-pixel mean's",
                           # no depth BD-rate: the baseline's curve turns back
                           "the proposal's depth BD-rate against the baseline at "
-                          "most +10% (PCHIP)",
-                          "every BD-rate is a finite number"]
+                          "most +10% (PCHIP)"]
   recs = _records()
   find(recs, "base", "proposal", 1.28)["depth_rmse_objects"] = 1.3  # -28%
   assert failed(recs) == ["every base model's depth RMSE on people and vehicles "
@@ -155,6 +157,10 @@ def test_report_gives_every_seed_and_whether_signs_held(tmp_path, capsys):
   assert enh[4] != enh[5] and enh[6].endswith(")") and "(0.00" not in enh[6]
   assert "seed 0" in text and "seed 1" in text
   assert "**missed**" in text  # seed 1's enhancement falls under 22 dB
+  regime = text.split("## The paper's regime")[1].splitlines()
+  side = next(l for l in regime if l.startswith("| side information: the proposal's "
+                                                "conditional enhancement spends less"))
+  assert side.count("held") == 1 and side.count("**missed**") == 1  # seed 1 misses it
 
 
 def test_report_refuses_a_workdir_without_results(tmp_path, capsys):
