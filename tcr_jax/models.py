@@ -241,10 +241,11 @@ class Enhancement(nn.Module):
   compute_dtype: str = "float32"
   half_resolution: bool = True
   normalize_input: bool = False
+  head_width: float = 1.0  # the segmentation head's width multiplier
 
   entropy_variables = staticmethod(entropy_variables)
-  # Depth workdirs' enhancement files predate these two fields.
-  fingerprint_omits_defaults = ("half_resolution", "normalize_input")
+  # Depth workdirs' enhancement files predate these fields.
+  fingerprint_omits_defaults = ("half_resolution", "normalize_input", "head_width")
 
   @property
   def multiple(self) -> int:
@@ -273,7 +274,8 @@ class Enhancement(nn.Module):
     self.g_s = transforms.SynthesisTransform(3, widths[::-1], blocks, dtype=dt)
     if self.task_name == "segmentation":
       from tcr_jax.tasks import DeepLabV3ResNet50
-      self.head = DeepLabV3ResNet50(num_classes=self.num_classes)
+      self.head = DeepLabV3ResNet50(num_classes=self.num_classes,
+                                    width=self.head_width)
 
   def target(self, x: jax.Array) -> jax.Array:
     """The image the reconstruction enhancement reproduces."""
@@ -358,6 +360,7 @@ def enhancement_model(config) -> Enhancement:
       quantizer=m.quantizer, likelihood_bound=m.likelihood_bound,
       num_classes=config.task.num_classes,
       ignore_index=config.task.ignore_index, compute_dtype=m.compute_dtype,
+      head_width=config.task.get("segmentation_width", 1.0),
       # The detection experiment's enhancement codes what the detector
       # reads: the full-resolution, normalised canvas (the authors').
       **({"half_resolution": False, "normalize_input": True}

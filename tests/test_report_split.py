@@ -49,6 +49,17 @@ def test_reproduction_config_and_bad_splits(configs):
     configs_lib.validate(cityscapes)
   with pytest.raises(UserError, match="depth experiments"):
     configs.load("detection_recon", "reproduction")
+  # The narrower segmentation head: a width in (0, 1], and torchvision's
+  # weights only at width 1.
+  seg = configs.load("depth_seg", "reproduction")
+  assert seg.task.segmentation_width < 1 and seg.train.enhancement_steps < c.train.enhancement_steps
+  for width in (0, 1.5, "half"):
+    bad = configs.smoke("depth_seg", **{"task.segmentation_width": width})
+    with pytest.raises(UserError, match="segmentation_width"):
+      configs_lib.validate(bad)
+  seg.init.segmentation_backbone = "ckpt/resnet50"
+  with pytest.raises(UserError, match="need config.task.segmentation_width=1"):
+    configs_lib.validate(seg)
 
 
 @pytest.mark.slow

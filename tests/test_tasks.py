@@ -79,6 +79,26 @@ def test_parameter_counts():
   assert counts == {"lraspp21": 3_221_538, "deeplab21": 42_004_074}
 
 
+def test_a_narrower_deeplab_scales_every_layer():
+  """width 1/8: every conv of the backbone and heads an eighth as wide (at
+  least 8 channels), about 1/64 of the parameters; the same outputs."""
+  full = _abstract(DeepLabV3ResNet50(num_classes=20))
+  narrow_module = DeepLabV3ResNet50(num_classes=20, width=0.125)
+  narrow = _abstract(narrow_module)
+  assert jax.tree_util.tree_structure(full) == jax.tree_util.tree_structure(narrow)
+  kernels = [(path, a.shape, b.shape) for (path, a), b in zip(
+      jax.tree_util.tree_flatten_with_path(full["params"])[0],
+      jax.tree_util.tree_leaves(narrow["params"])) if path[-1].key == "kernel"]
+  for path, a, b in kernels:
+    if "logits" not in str(path):
+      assert b[-1] == max(8, a[-1] // 8), (path, a, b)
+  ratio = ti.count_params(full) / ti.count_params(narrow)
+  assert 40 < ratio < 70, ratio
+  x = jax.ShapeDtypeStruct((2, *SIZE, 3), jnp.float32)
+  out = jax.eval_shape(lambda v, x: narrow_module.apply(v, x), narrow, x)
+  assert out["out"].shape == out["aux"].shape == (2, *SIZE, 20)
+
+
 def test_lraspp_train_mode_updates_batch_stats_and_eval_does_not():
   module = LRASPPMobileNetV3(num_classes=1)
   variables = _random_variables(module)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from tcr_jax.tasks.layers import ConvBN, conv2d, global_avg_pool, resize_bilinear
-from tcr_jax.tasks.resnet import ResNet50
+from tcr_jax.tasks.resnet import ResNet50, scaled
 
 ATROUS_RATES = (12, 24, 36)
 ASPP_CHANNELS = 256
@@ -51,12 +51,13 @@ class ASPP(nn.Module):
 class DeepLabHead(nn.Module):
   """ASPP -> 3x3 conv + BN + ReLU -> 1x1 classifier."""
   num_classes: int
+  channels: int = ASPP_CHANNELS
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
                dropout: bool = True) -> jax.Array:
-    x = ASPP(name="aspp")(x, train, dropout)
-    x = ConvBN(ASPP_CHANNELS, 3, activation=nn.relu, name="conv_bn")(x, train)
+    x = ASPP(channels=self.channels, name="aspp")(x, train, dropout)
+    x = ConvBN(self.channels, 3, activation=nn.relu, name="conv_bn")(x, train)
     return conv2d(self.num_classes, 1, use_bias=True,
                   kernel_init=nn.initializers.lecun_normal(), name="logits")(x)
 
@@ -88,17 +89,20 @@ class DeepLabV3ResNet50(nn.Module):
       one (the paper: 20, class 19 ignored).
     aux_loss: build the FCN auxiliary head on layer3.
     dropout: use dropout in train mode.
+    width: multiplies every layer's channels (1: torchvision's model, whose
+      weights `tcr-jax import-torchvision` loads; smaller for CPU runs).
   """
   num_classes: int = 21
   aux_loss: bool = True
   dropout: bool = True
+  width: float = 1.0
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
     size = x.shape[1:3]
-    features = ResNet50(name="backbone")(x, train)
-    out = DeepLabHead(self.num_classes, name="classifier")(
-        features["out"], train, self.dropout)
+    features = ResNet50(width=self.width, name="backbone")(x, train)
+    out = DeepLabHead(self.num_classes, scaled(ASPP_CHANNELS, self.width),
+                      name="classifier")(features["out"], train, self.dropout)
     result = {"out": resize_bilinear(out, size)}
     if self.aux_loss:
       aux = FCNHead(self.num_classes, name="aux_classifier")(
