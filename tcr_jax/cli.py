@@ -84,7 +84,7 @@ def _ceiling(args: argparse.Namespace) -> None:
     rd.write_report(checkpoints.read_json(results), args.workdir,
                     config.experiment, config.task.enhancement_rate_pixels)
     print(f"{os.path.join(args.workdir, 'bd_rate.md')} and its plots now show "
-          "the ceiling")
+          "the ceiling", file=sys.stderr)
 
 
 def _side_information(args: argparse.Namespace) -> None:

@@ -223,7 +223,7 @@ def write_report(records: list[dict], workdir: str, experiment: str,
   from tcr_jax import ceiling
   ceiling_record = ceiling.load(workdir)
   split = next((r["split"] for r in records if r.get("split")), None)
-  if ceiling_record and ceiling_record.get("split", split) != split:
+  if ceiling_record and split and ceiling_record.get("split", split) != split:
     ceiling_record = None  # measured on other images than the models
   if ceiling_record and not any(r.get("method") == "ceiling" for r in records):
     records = [*records, ceiling_record]
