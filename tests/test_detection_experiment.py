@@ -16,7 +16,7 @@ from conftest import assert_same_records, run_killed_then_resumed
 
 FIELDS = {"experiment", "layer", "method", "alpha", "beta", "bpp_base",
           "bpp_enhancement", "map", "map50", "psnr_from_base", "psnr", "loss",
-          "bpp_actual_base", "bpp_actual_enhancement", "actual_images"}
+          "bpp_actual_base", "bpp_actual_enhancement", "actual_images", "split"}
 
 
 def test_normalize_canvas_is_torchvisions_padded_batch():
@@ -96,7 +96,7 @@ def test_smoke_sweep_writes_every_field(smoke_run):
   for r in records:
     assert set(r) == FIELDS, set(r) ^ FIELDS
     assert r["experiment"] == "detection_recon" and np.isfinite(r["loss"])
-    assert r["actual_images"] == 2
+    assert r["actual_images"] == 2 and r["split"] == "validation"
     if r["layer"] == "base":
       assert r["bpp_base"] > 0 and 0 <= r["map50"] <= 1 and 0 <= r["map"] <= r["map50"]
       assert np.isfinite(r["psnr_from_base"]) and r["bpp_actual_base"] > r["bpp_base"]
