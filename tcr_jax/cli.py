@@ -80,9 +80,10 @@ def _ceiling(args: argparse.Namespace) -> None:
                                          args.eval_every)))
   results = os.path.join(args.workdir, "results.json")
   if os.path.exists(results):  # a finished sweep: its report gets the ceiling
-    from tcr_jax import checkpoints, rd
-    rd.write_report(checkpoints.read_json(results), args.workdir,
-                    config.experiment, config.task.enhancement_rate_pixels)
+    from tcr_jax import checkpoints, poster, rd
+    records = checkpoints.read_json(results)
+    rd.write_report(records, args.workdir, config.experiment,
+                    config.task.enhancement_rate_pixels, poster.report_lines(records))
     print(f"{os.path.join(args.workdir, 'bd_rate.md')} and its plots now show "
           "the ceiling", file=sys.stderr)
 

@@ -79,9 +79,13 @@ def detection_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.task.enhancement_rate_pixels = "full"  # COCO: the unpadded resized size
 
   if arg in ("synthetic", "smoke"):
-    # The depth demo's own devices (a shared pre-trained start, its
-    # schedule, the trivial depth references, beta 0.1) stay off here.
+    # The depth demo's own devices (a shared pre-trained start, early
+    # stopping, the test split, the trivial depth references, its beta)
+    # stay off here.
     c.train.base_pretrain_steps = 0
+    c.train.finetune_chain = False
+    c.train.enhancement_patience = 0
+    c.eval.split = "validation"
     c.train.lr_schedule = "constant"
     c.eval.reference_train_images = 0
     c.sweep.beta = 0.01

@@ -216,10 +216,12 @@ def _fmt_bdq(v):
 
 
 def write_report(records: list[dict], workdir: str, experiment: str,
-                 enhancement_rate_pixels: str = "full") -> str:
+                 enhancement_rate_pixels: str = "full",
+                 sections: Sequence[str] = ()) -> str:
   """Writes bd_rate.md and rd_*.png into workdir; returns the markdown.
   The depth ceiling (WORKDIR/ceiling.json, `tcr-jax ceiling`) joins the
-  trivial references where it has been measured."""
+  trivial references where it has been measured; `sections` (markdown
+  lines, e.g. poster.report_lines) follow the BD-rate table."""
   from tcr_jax import ceiling
   ceiling_record = ceiling.load(workdir)
   split = next((r["split"] for r in records if r.get("split")), None)
@@ -246,6 +248,7 @@ def write_report(records: list[dict], workdir: str, experiment: str,
                  f"{len(c['anchor_curve'][0])}/{len(c['test_curve'][0])} | "
                  f"{_fmt_bd(c['bd']['cubic'])} | {_fmt_bd(c['bd']['pchip'])} | "
                  f"{_fmt_bdq(c['bdq']['cubic'])} | {_fmt_bdq(c['bdq']['pchip'])} |")
+  lines += list(sections)
   lines += _reward_lines(records)
   lines += _reference_lines(records)
   lines += stage_lines(workdir)

@@ -10,8 +10,8 @@ markdown report:
     all of them;
   * the demo's checks for every seed (`checks`): trained models against the
     trivial references, curves that behave, the paper's mechanism;
-  * the checks of the paper's regime for every seed (`regime_checks`, the
-    :reproduction variant's bars: docs/reproduction.md).
+  * the poster's figures and the checks of the paper's regime for every
+    seed (poster.py: the :reproduction variant's bars, docs/reproduction.md).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import math
 import os
 from typing import Sequence
 
-from tcr_jax import rd
+from tcr_jax import poster, rd
 from tcr_jax.errors import UserError
 
 # The demo's targets (README: what the demo shows): the proposal's
@@ -119,70 +119,6 @@ def checks(records: list[dict]) -> list[tuple[str, bool, str]]:
   return out
 
 
-# The :reproduction variant's bars (docs/reproduction.md): the paper's
-# regime, and Figure 3's.
-DEPTH_MARGIN = 0.15          # every base this far below the mean map
-OBJECTS_MARGIN = 0.30        # ... and this far on people and vehicles
-REWARD_SHARE = 1 / 3         # reward / D_b at most
-OVERLAP = 0.5                # base rates overlap by this share of the narrower range
-SIDE_INFORMATION_BD = -25.0  # proposal's R_e vs the standalone's, PCHIP, at most (%)
-DEPTH_BD_LIMIT = 10.0        # proposal's depth BD-rate vs the baseline, PCHIP, at most (%)
-
-
-def regime_checks(records: list[dict]) -> list[tuple[str, bool, str]]:
-  """The checks of the paper's regime (the :reproduction variant's bars)
-  that the records allow; a comparison without a number misses its check."""
-  out = []
-  comps = rd.comparisons(records)
-  ref = next((r for r in records if r.get("method") == "trivial"), {})
-  bases = [r for r in records if r["layer"] == "base"]
-  for key, ref_key, margin, where in (
-      ("depth_rmse", "mean_disparity_rmse", DEPTH_MARGIN, ""),
-      ("depth_rmse_objects", "mean_disparity_rmse_objects", OBJECTS_MARGIN,
-       " on people and vehicles")):
-    values = [r[key] for r in bases if r.get(key) is not None]
-    if ref.get(ref_key) and values:
-      worst = max(values) / ref[ref_key] - 1
-      out.append((f"every base model's depth RMSE{where} at least {margin:.0%} "
-                  "below the per-pixel mean's", worst <= -margin,
-                  f"worst {worst:+.0%} ({max(values):.3f} vs {ref[ref_key]:.3f} px)"))
-  shares = [(r["alpha"], reward / r["depth_rmse"]) for r, reward in rd.rewards(records)]
-  if shares:
-    out.append((f"the proposal's reward at most {REWARD_SHARE:.2f} of its task "
-                "term at every alpha", all(v <= REWARD_SHARE for _, v in shares),
-                " ".join(f"{a:g}: {v:.2f}" for a, v in shares)))
-  ranges = [[r["bpp_base"] for r in bases if r["method"] == m
-             and r.get("bpp_base") is not None] for m in ("baseline", "proposal")]
-  if all(len(v) >= 2 for v in ranges):
-    common = min(map(max, ranges)) - max(map(min, ranges))
-    narrower = min(max(v) - min(v) for v in ranges)
-    share = common / narrower if narrower > 0 else 0.0
-    out.append((f"the two methods' base rates overlap by at least {OVERLAP:.0%} of "
-                "the narrower range", share >= OVERLAP, f"{share:.0%}"))
-  bd = {(c["title"].split(":")[0], c["anchor"], c["test"]): c["bd"]["pchip"]
-        for c in comps}
-  side_key = ("side information", "standalone", "proposal")
-  side = bd.get(side_key)
-  if side_key in bd:
-    out.append((f"side information: the proposal's conditional enhancement spends "
-                f"at least {-SIDE_INFORMATION_BD:g}% less R_e than the standalone "
-                "(PCHIP)", _finite(side) and side <= SIDE_INFORMATION_BD,
-                rd._fmt_bd(side)))
-  richer_key = ("side information", "baseline", "proposal")
-  richer = bd.get(richer_key)
-  if richer_key in bd:
-    out.append(("side information: the proposal's conditional enhancement spends "
-                "less R_e than the baseline's (PCHIP)", _finite(richer) and richer < 0,
-                rd._fmt_bd(richer)))
-  depth_key = ("base task", "baseline", "proposal")
-  depth = bd.get(depth_key)
-  if depth_key in bd and any(r.get("depth_rmse") is not None for r in bases):
-    out.append((f"the proposal's depth BD-rate against the baseline at most "
-                f"+{DEPTH_BD_LIMIT:g}% (PCHIP)",
-                _finite(depth) and depth <= DEPTH_BD_LIMIT, rd._fmt_bd(depth)))
-  return out
-
-
 def _finite(v) -> bool:
   return isinstance(v, float) and math.isfinite(v)
 
@@ -239,8 +175,18 @@ def report(workdirs: Sequence[str]) -> str:
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {name} ({method}) | "
                      + " | ".join(fmt(v) for v in values)
                      + f" | {_mean_sd(values, fmt)} | {held} |")
+  lines += ["", "## The poster's figures (proposal against baseline)", "",
+            "| figure | the poster | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+            "| --- | --- | " + " | ".join("---" for _ in seeds) + " |"]
+  per_seed = [{f["figure"]: f for f in poster.figures(recs)} for _, recs in runs]
+  for name in dict.fromkeys(n for run in per_seed for n in run):
+    claim = next(run[name]["poster"] for run in per_seed if name in run)
+    cells = [f"{run[name]['verdict']}: {run[name]['here']}" if name in run else "n/a"
+             for run in per_seed]
+    lines.append(f"| {name} | {claim} | " + " | ".join(cells) + " |")
   for title, check in (("Checks", checks),
-                       ("The paper's regime (docs/reproduction.md)", regime_checks)):
+                       ("The paper's regime (docs/reproduction.md)",
+                        poster.regime_checks)):
     lines += ["", f"## {title}", "",
               "| check | " + " | ".join(f"seed {s}" for s in seeds) + " |",
               "| --- | " + " | ".join("---" for _ in seeds) + " |"]

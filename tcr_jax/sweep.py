@@ -156,9 +156,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
         + " and ".join(f"{n} {split}" for split, n in reads.items())
         + " samples", flush=True)
   if jax.process_index() == 0:
-    from tcr_jax import rd
+    from tcr_jax import poster, rd
     print(rd.write_report(records, workdir, c.experiment,
-                          c.task.enhancement_rate_pixels), flush=True)
+                          c.task.enhancement_rate_pixels,
+                          poster.report_lines(records)), flush=True)
     plots = sorted(f for f in os.listdir(workdir) if f.startswith("rd_"))
     print("RD plots: " + ", ".join(os.path.join(workdir, f) for f in plots))
     print(f"previews: {os.path.join(workdir, 'previews')}/", flush=True)

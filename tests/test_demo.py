@@ -285,3 +285,22 @@ def test_report_without_references_has_no_reference_table(tmp_path):
   assert "References (" not in without and "References (" in with_refs
   # The references only add their table after the BD-rates.
   assert with_refs.startswith(without.rstrip("\n"))
+
+
+@pytest.mark.parametrize("experiment", ["depth_recon", "depth_seg"])
+def test_the_demo_is_the_reproduction_with_smaller_caps(experiment):
+  """`make demo` runs the reproduction's regime (beta, alphas, schedule,
+  early stopping, test split, model, scenes) and only trains less."""
+  def flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+      out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+  demo = flat(configs_lib.load_config(f"configs/{experiment}.py:synthetic").to_dict())
+  full = flat(configs_lib.load_config(f"configs/{experiment}.py:reproduction").to_dict())
+  caps = ("train.base_pretrain_steps", "train.base_steps", "train.enhancement_steps",
+          "data.eval_images")
+  differ = {k for k in full if demo.get(k) != full[k]}
+  assert differ == {"variant", *caps}, differ
+  assert all(demo[k] < full[k] for k in caps)
+  assert demo["sweep.beta"] == 0.005 and demo["eval.split"] == "test"
