@@ -38,6 +38,11 @@ FLAT_TASK_TOLERANCE = 0.02
 # A BD-quality counts as a sign only beyond this share of the anchor's mean
 # quality (flat curves give BD-qualities of float noise).
 QUALITY_NOISE = 0.005
+# A curve whose quality spans less than this share of its mean is flat in
+# rate: BD numbers fitted to it are fits of noise (measured: mIoU curves
+# spanning 0.015 gave PCHIP -46% and cubic -99.9% on one seed), so the
+# figure has no number.
+FLAT_CURVE = 0.05
 
 SHOWN, NOT_SHOWN, NO_NUMBER = "shown", "not shown", "no number"
 SMALLER = "same sign, smaller"     # Figures 5, 6: less than half the poster's saving
@@ -62,11 +67,22 @@ def _numbers(c, unit="") -> str:
   return f"{rate}; BD-quality {rd._fmt_bdq(c['bdq']['pchip'])}{unit} (PCHIP)"
 
 
+def _flat(c) -> bool:
+  """Whether either curve's quality spans less than FLAT_CURVE of its mean."""
+  def span(q):
+    mean = abs(sum(q) / len(q))
+    return (max(q) - min(q)) / mean if mean else 0.0
+  return min(span(c["anchor_curve"][1]), span(c["test_curve"][1])) < FLAT_CURVE
+
+
 def _gain(c) -> float | None:
-  """The proposal's gain over the baseline as one signed figure: minus its
+  """The proposal's gain over the baseline as one signed figure (None where
+  a curve is flat in rate): minus its
   BD-rates where both fits give one and they agree in sign (the smaller in
   size), 0.0 where they disagree; else its BD-quality in the direction of
   better where it is beyond QUALITY_NOISE; None: no number."""
+  if _flat(c):
+    return None
   rates = [c["bd"][m] for m in rd.METHODS]
   if all(_finite(v) for v in rates):
     if min(rates) < 0 < max(rates):
@@ -156,7 +172,8 @@ def figures(records: list[dict]) -> list[dict]:
         poster=f"BD-rate -{claim:g}%" + ("" if segmentation else
                                          " (detection base)" if detection
                                          else " (depth base)"),
-        here=_numbers(enhancement, "" if segmentation else " dB"),
+        here=_numbers(enhancement, "" if segmentation else " dB")
+        + ("; quality flat in rate" if _flat(enhancement) else ""),
         verdict=verdict))
   return out
 

@@ -55,11 +55,12 @@ def test_figure_5_tells_a_small_saving_and_disagreeing_fits_apart():
   assert -11 < bd["pchip"] < 0 and -11 < bd["cubic"] < 0, bd
   assert five["verdict"] == poster.SMALLER
   curve = {"bd": {"pchip": -3.0, "cubic": 4.0}, "bdq": {"pchip": 0.5},
-           "anchor_curve": ([0.1, 0.2], [20.0, 21.0]), "higher_is_better": True}
+           "anchor_curve": ([0.1, 0.2], [20.0, 23.0]),
+           "test_curve": ([0.1, 0.2], [20.0, 23.5]), "higher_is_better": True}
   assert poster._gain(curve) == 0.0
   curve["bd"] = {"pchip": "no overlap", "cubic": "no overlap"}
   assert poster._gain(curve) == pytest.approx(0.5)
-  curve["bdq"] = {"pchip": 0.01}  # within float noise of a 20 dB curve
+  curve["bdq"] = {"pchip": 0.01}  # within float noise of a 21.5 dB curve
   assert poster._gain(curve) is None
 
 
@@ -83,11 +84,23 @@ def test_segmentation_is_figure_6_and_a_missing_number_says_so():
       r["miou"] = r.pop("psnr") / 100
   figs = _figures(recs)
   assert "6" in figs and "5" not in figs and "-26%" in figs["6"]["poster"]
-  _set(recs, "enhancement", "proposal", "miou", lambda r: r["miou"] + 0.5)
+  _set(recs, "enhancement", "proposal", "miou", lambda r: r["miou"] + 0.05)
   six = _figures(recs)["6"]  # no mIoU overlap: judged by its BD-quality
   assert six["verdict"] == poster.SHOWN and "no BD-rate (no overlap)" in six["here"]
   _set(recs, "enhancement", "proposal", "bpp_enhancement", lambda r: r["bpp_enhancement"] + 5)
   assert _figures(recs)["6"]["verdict"] == poster.NO_NUMBER  # nor a rate overlap
+
+
+def test_curves_flat_in_rate_give_no_number():
+  """mIoU that moves by 0.01 whatever the rate: BD-rates fitted to it are
+  noise, so Figure 6 has no number (and says why)."""
+  recs = _records()
+  for r in recs:
+    if r["layer"] == "enhancement":
+      shift = {"baseline": 0.0, "proposal": 0.004, "standalone": -0.002}[r["method"]]
+      r["miou"] = 0.24 + shift + 0.002 * (r.pop("psnr") > 22.0)
+  six = _figures(recs)["6"]
+  assert six["verdict"] == poster.NO_NUMBER and "flat in rate" in six["here"]
 
 
 @pytest.mark.parametrize("drop", ["baseline", "proposal"])
