@@ -4,15 +4,7 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
-  flags = (flags + " --xla_force_host_platform_device_count=4").strip()
-# The tests run programs for a few steps, so compiling them dominates: LLVM's
-# cheapest code generation compiles the smoke base model's train step in
-# about 40% less time (and the whole :smoke sweep about 30% faster on two
-# cores, BUILD.md). The CLI (python -m tcr_jax.main) keeps XLA's defaults;
-# subprocesses that the tests start inherit these flags.
-if "xla_backend_optimization_level" not in flags:
-  flags += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-os.environ["XLA_FLAGS"] = flags
+  os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Share compiled programs between the tests and the subprocesses they start.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(

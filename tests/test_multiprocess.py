@@ -3,7 +3,6 @@
 each process reading its share, preemption, a peer dying, mismatches."""
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -52,11 +51,8 @@ def _port() -> int:
 
 
 def _env(root, devices, **extra):
-  # conftest's XLA flags (the cheap code generation) with `devices` devices.
-  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                 os.environ.get("XLA_FLAGS", ""))
   return dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip(),
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
               **{k: str(v) for k, v in extra.items()})
 
 
