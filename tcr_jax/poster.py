@@ -76,11 +76,11 @@ def _flat(c) -> bool:
 
 
 def _gain(c) -> float | None:
-  """The proposal's gain over the baseline as one signed figure (None where
-  a curve is flat in rate): minus its
+  """The proposal's gain over the baseline as one signed figure: minus its
   BD-rates where both fits give one and they agree in sign (the smaller in
   size), 0.0 where they disagree; else its BD-quality in the direction of
-  better where it is beyond QUALITY_NOISE; None: no number."""
+  better where it is beyond QUALITY_NOISE; None (no number) where neither
+  is, or where a curve is flat in rate."""
   if _flat(c):
     return None
   rates = [c["bd"][m] for m in rd.METHODS]
