@@ -46,6 +46,7 @@ FLAT_CURVE = 0.05
 
 SHOWN, NOT_SHOWN, NO_NUMBER = "shown", "not shown", "no number"
 SMALLER = "same sign, smaller"     # Figures 5, 6: less than half the poster's saving
+NO_RATE = "same sign, no BD-rate"  # Figures 5, 6: a better BD-quality, no size to compare
 INCONCLUSIVE = "inconclusive"      # the BD-rates' signs disagree
 
 
@@ -75,13 +76,14 @@ def _flat(c) -> bool:
   return min(span(c["anchor_curve"][1]), span(c["test_curve"][1])) < FLAT_CURVE
 
 
-def _gain(c) -> float | None:
+def _gain(c, flat_means_no_number: bool = True) -> float | None:
   """The proposal's gain over the baseline as one signed figure: minus its
   BD-rates where both fits give one and they agree in sign (the smaller in
   size), 0.0 where they disagree; else its BD-quality in the direction of
   better where it is beyond QUALITY_NOISE; None (no number) where neither
-  is, or where a curve is flat in rate."""
-  if _flat(c):
+  is, or where a curve is flat in rate (`flat_means_no_number`: Figures 5
+  and 6, whose curves are flat when the rate buys no quality)."""
+  if flat_means_no_number and _flat(c):
     return None
   rates = [c["bd"][m] for m in rd.METHODS]
   if all(_finite(v) for v in rates):
@@ -109,8 +111,8 @@ def _worst_below_mean_map(records):
 
 def figures(records: list[dict]) -> list[dict]:
   """Per poster figure the records allow: dict(figure, poster, here,
-  verdict), the verdict one of SHOWN, SMALLER, INCONCLUSIVE, NOT_SHOWN and
-  NO_NUMBER."""
+  verdict), the verdict one of SHOWN, SMALLER, NO_RATE, INCONCLUSIVE,
+  NOT_SHOWN and NO_NUMBER."""
   comps = rd.comparisons(records)
   out = []
   task = _comparison(comps, "base task")
@@ -124,15 +126,15 @@ def figures(records: list[dict]) -> list[dict]:
     if worst is not None:
       here += f"; worst base {worst:+.0%} against the per-pixel mean map"
     learned = worst is None or worst <= -DEPTH_MARGIN
-    if _finite(bd):
+    if _finite(bd) and not _flat(task):
       verdict = SHOWN if learned and bd <= DEPTH_BD_LIMIT else NOT_SHOWN
-    elif worse is not None:
+    elif worse is not None:  # flat in rate: judged at equal rate
       verdict = (SHOWN if learned and worse <= FLAT_TASK_TOLERANCE * abs(anchor_mean)
                  else NOT_SHOWN)
     else:
       verdict = NO_NUMBER
     out.append(dict(figure="3: base task vs base rate",
-                    poster="the reward does not hurt the base task",
+                    poster="the reward does not hurt the base task (a lift, it says)",
                     here=here, verdict=verdict))
   recon = _comparison(comps, "reconstruction from the base")
   if recon:
@@ -142,7 +144,7 @@ def figures(records: list[dict]) -> list[dict]:
             for m in ("baseline", "proposal")}
     gains = [base["proposal"][a] - base["baseline"][a]
              for a in sorted(set(base["baseline"]) & set(base["proposal"]))]
-    gain = _gain(recon)
+    gain = _gain(recon, flat_means_no_number=False)
     ahead = bool(gains) and min(gains) > 0
     out.append(dict(
         figure="4: reconstruction read off the base",
@@ -165,7 +167,7 @@ def figures(records: list[dict]) -> list[dict]:
     elif gain < 0:
       verdict = NOT_SHOWN
     else:
-      verdict = SHOWN if not rated or gain >= claim / 2 else SMALLER
+      verdict = NO_RATE if not rated else SHOWN if gain >= claim / 2 else SMALLER
     out.append(dict(
         figure=("6: segmentation" if segmentation else "5: conditional reconstruction")
         + " vs total rate",

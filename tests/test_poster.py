@@ -86,7 +86,7 @@ def test_segmentation_is_figure_6_and_a_missing_number_says_so():
   assert "6" in figs and "5" not in figs and "-26%" in figs["6"]["poster"]
   _set(recs, "enhancement", "proposal", "miou", lambda r: r["miou"] + 0.05)
   six = _figures(recs)["6"]  # no mIoU overlap: judged by its BD-quality
-  assert six["verdict"] == poster.SHOWN and "no BD-rate (no overlap)" in six["here"]
+  assert six["verdict"] == poster.NO_RATE and "no BD-rate (no overlap)" in six["here"]
   _set(recs, "enhancement", "proposal", "bpp_enhancement", lambda r: r["bpp_enhancement"] + 5)
   assert _figures(recs)["6"]["verdict"] == poster.NO_NUMBER  # nor a rate overlap
 
@@ -116,4 +116,47 @@ def test_report_lines_carry_figures_and_regime():
   recs = _records()
   recs[0]["mean_disparity_rmse"] = 0.6  # every base now above the mean map
   assert "**no**" in "\n".join(poster.report_lines(recs))
-  assert len(ALPHAS) == 4
+
+
+def test_flat_depth_with_a_bd_rate_is_judged_at_equal_rate():
+  """Depth within 0.2% whatever the rate: a finite BD-rate fitted to it is
+  noise (here +25%); the figure is judged by the BD-quality instead."""
+  recs = _records()
+  for method, values in (("baseline", (0.500, 0.502, 0.503, 0.505)),
+                         ("proposal", (0.501, 0.503, 0.504, 0.5045))):
+    for r in recs:
+      if r["layer"] == "base" and r["method"] == method:
+        r["depth_rmse"] = values[ALPHAS.index(r["alpha"])]
+  task = next(c for c in rd.comparisons(recs) if c["title"].startswith("base task"))
+  assert isinstance(task["bd"]["pchip"], float) and task["bd"]["pchip"] > 10
+  assert _figures(recs)["3"]["verdict"] == poster.SHOWN
+
+
+def test_figure_4_in_db_is_not_flat_and_a_trailing_alpha_is_not_ahead():
+  """A base PSNR spanning under 5% of its mean still has Figure 4 (BD-quality
+  reads it at equal rate); a proposal behind at one alpha is not ahead."""
+  recs = _records()
+  for method, shift in (("baseline", 0.0), ("proposal", 1.5)):
+    for r in recs:
+      if r["layer"] == "base" and r["method"] == method:
+        r["psnr_from_base"] = 19.4 - 0.25 * ALPHAS.index(r["alpha"]) + shift
+  assert _figures(recs)["4"]["verdict"] == poster.SHOWN
+  next(r for r in recs if r["layer"] == "base" and r["method"] == "proposal"
+       and r["alpha"] == ALPHAS[-1])["psnr_from_base"] = 18.0
+  assert _figures(recs)["4"]["verdict"] == poster.NOT_SHOWN
+
+
+def test_detection_records_judge_map_and_the_detection_claim():
+  recs = [r for r in _records() if r["layer"] != "reference"]
+  for r in recs:
+    if r["layer"] == "base":
+      r["map"] = 0.30 - 0.02 * ALPHAS.index(r["alpha"])
+      r.pop("depth_rmse"), r.pop("depth_rmse_objects")
+  figs = _figures(recs)
+  assert "-10% (detection base)" in figs["5"]["poster"]
+  assert figs["3"]["verdict"] == poster.SHOWN  # equal mAP at equal rate
+  for r in recs:
+    if r["layer"] == "base" and r["method"] == "proposal":
+      r["map"] *= 0.8
+  assert _figures(recs)["3"]["verdict"] == poster.NOT_SHOWN
+  assert not any("depth" in what for what, _, _ in poster.regime_checks(recs))
