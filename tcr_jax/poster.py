@@ -98,15 +98,16 @@ def _gain(c, flat_means_no_number: bool = True) -> float | None:
   return None
 
 
-def _worst_below_mean_map(records):
-  """The worst base model's depth RMSE relative to the per-pixel mean map's
-  (-0.3: 30% below), or None without the reference."""
+def _worst_below_mean_map(records, key="depth_rmse", ref_key="mean_disparity_rmse"):
+  """(worst, its RMSE, the mean map's): the worst base model's depth RMSE
+  relative to the per-pixel mean map's (-0.3: 30% below), or None without
+  the reference."""
   ref = next((r for r in records if r.get("method") == "trivial"), {})
-  values = [r["depth_rmse"] for r in records
-            if r["layer"] == "base" and r.get("depth_rmse") is not None]
-  if not ref.get("mean_disparity_rmse") or not values:
+  values = [r[key] for r in records
+            if r["layer"] == "base" and r.get(key) is not None]
+  if not ref.get(ref_key) or not values:
     return None
-  return max(values) / ref["mean_disparity_rmse"] - 1
+  return max(values) / ref[ref_key] - 1, max(values), ref[ref_key]
 
 
 def figures(records: list[dict]) -> list[dict]:
@@ -121,7 +122,8 @@ def figures(records: list[dict]) -> list[dict]:
     bd, bdq = task["bd"]["pchip"], task["bdq"]["pchip"]
     anchor_mean = sum(task["anchor_curve"][1]) / len(task["anchor_curve"][1])
     worse = (bdq if depth else -bdq) if _finite(bdq) else None
-    worst = _worst_below_mean_map(records) if depth else None
+    found = _worst_below_mean_map(records) if depth else None
+    worst = found[0] if found else None
     here = _numbers(task, " px" if depth else "")
     if worst is not None:
       here += f"; worst base {worst:+.0%} against the per-pixel mean map"
@@ -186,18 +188,17 @@ def regime_checks(records: list[dict]) -> list[tuple[str, bool, str]]:
   without a number misses its check."""
   out = []
   comps = rd.comparisons(records)
-  ref = next((r for r in records if r.get("method") == "trivial"), {})
   bases = [r for r in records if r["layer"] == "base"]
   for key, ref_key, margin, where in (
       ("depth_rmse", "mean_disparity_rmse", DEPTH_MARGIN, ""),
       ("depth_rmse_objects", "mean_disparity_rmse_objects", OBJECTS_MARGIN,
        " on people and vehicles")):
-    values = [r[key] for r in bases if r.get(key) is not None]
-    if ref.get(ref_key) and values:
-      worst = max(values) / ref[ref_key] - 1
+    found = _worst_below_mean_map(records, key, ref_key)
+    if found:
+      worst, rmse, mean_map = found
       out.append((f"every base model's depth RMSE{where} at least {margin:.0%} "
                   "below the per-pixel mean's", worst <= -margin,
-                  f"worst {worst:+.0%} ({max(values):.3f} vs {ref[ref_key]:.3f} px)"))
+                  f"worst {worst:+.0%} ({rmse:.3f} vs {mean_map:.3f} px)"))
   shares = [(r["alpha"], reward / r["depth_rmse"]) for r, reward in rd.rewards(records)]
   if shares:
     out.append((f"the proposal's reward at most {REWARD_SHARE:.2f} of its task "
