@@ -44,7 +44,7 @@ def make_smoke_config(experiment: str = "depth_recon", **overrides):
 LONGEST_FIRST = (
     "test_train.py",                 # 370
     "test_detection_experiment.py",  # 253
-    "test_notebooks.py",             # 240
+    "test_notebooks.py",             # 290
     "test_demo.py",                  # 208
     "test_codec.py",                 # 116
     "test_coding.py",                # 100
