@@ -30,45 +30,31 @@ def _peak_gib():
 def train_step(config_spec: str, batch: int, height: int, width: int,
                steps: int = 20, warmup: int = 3, dtype: str | None = None,
                overrides: Sequence[str] = ()) -> dict:
-  """Times the depth base layer's training step, the one training runs
-  (tcr_jax.train.train_step with base_loss_fn, L_b), on random data;
+  """Times the base layer's training step, the one training runs
+  (tcr_jax.train.train_step with the base task's base_loss_fn, L_b), on
+  random data (the task's bench_batch);
   overrides: --config.KEY=VALUE flags, as tcr_jax.main takes them."""
   from tcr_jax import config_overrides, configs_lib
   config = config_overrides.apply(configs_lib.load_config(config_spec), overrides)
   import functools
   import jax
   import jax.numpy as jnp
-  from tcr_jax import models, train
+  from tcr_jax import bases, train
   with config.unlocked():
     if dtype:
       config.model.compute_dtype = dtype
-  model = models.base_model(config)
-  x = jax.random.uniform(jax.random.key(0), (batch, height, width, 3))
-  detection = config.task.get("base", "depth") == "detection"
-  if detection:  # the detection base (configs/detection_recon.py)
-    from tcr_jax import detection as det
-    from tcr_jax.bench_detection import _synthetic
-    _, boxes, labels = _synthetic(batch, height, width)
-    data = {"image": x, "image_size": jnp.tile(jnp.array([[height, width]],
-                                                         jnp.int32), (batch, 1)),
-            "boxes": jnp.asarray(boxes), "labels": jnp.asarray(labels),
-            "box_mask": jnp.ones(labels.shape, bool)}
-    loss_fn = det.base_loss_fn
-  else:
-    disparity = jax.random.uniform(jax.random.key(1), (batch, height, width)) * 100
-    valid = jax.random.uniform(jax.random.key(2), (batch, height, width)) > 0.2
-    data = {"image": x, "disparity": disparity, "valid": valid}
-    loss_fn = train.base_loss_fn
-  variables = jax.jit(model.init)(jax.random.key(3, impl="rbg"),
-                                  x[:1, :64, :64] if detection else x[:1])
-  tx = train.optimizer(config, "base")
+  task = bases.for_config(config)
+  model = task.base_model()
+  data, init_input = task.bench_batch(batch, height, width)
+  variables = jax.jit(model.init)(jax.random.key(3, impl="rbg"), init_input)
+  tx = train.optimizer(config, "base", task=task)
   state = train.TrainState(
       step=jnp.int32(0), apply_fn=model.apply, params=variables["params"],
       tx=tx, opt_state=tx.init(variables["params"]),
       batch_stats=variables["batch_stats"], rng=jax.random.PRNGKey(0))
   hp = {"alpha": jnp.float32(1e-3), "beta": jnp.float32(0.01)}
   step = jax.jit(functools.partial(
-      train.train_step, loss_fn=functools.partial(loss_fn, model)),
+      train.train_step, loss_fn=functools.partial(task.base_loss_fn, model)),
       donate_argnums=0)
   t_compile = time.perf_counter()
   for _ in range(warmup):

@@ -27,10 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tcr_jax import checkpoints
+from tcr_jax import bases, checkpoints
 from tcr_jax.codec import layers, ops
 from tcr_jax.data import labels as label_ids
+from tcr_jax.data.loader import Loader
 from tcr_jax.errors import UserError
+from tcr_jax.tasks import LRASPPMobileNetV3, losses
 
 RESULT = "ceiling.json"
 
@@ -42,7 +44,6 @@ class DepthCeiling(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    from tcr_jax.tasks import LRASPPMobileNetV3
     padded, _ = ops.pad_to_multiple(x, 32)
     half = ops.downsample_2x(padded)
     d = LRASPPMobileNetV3(num_classes=1, backbone_bn_momentum=1.0 - self.head_bn_momentum
@@ -62,11 +63,7 @@ def _squared_errors(pred, batch) -> dict[str, float]:
 def train_ceiling(config, workdir: str, steps: int, eval_every: int = 250,
                   log=print) -> dict:
   """Trains the ceiling; writes and returns its record."""
-  from tcr_jax.data.loader import Loader
-  from tcr_jax.tasks import losses
-  if config.task.get("base", "depth") != "depth":
-    raise UserError("the ceiling is the depth head's; this config's base task "
-                    f"is {config.task.base}")
+  bases.require_depth(config, "the ceiling (the depth head's)")
   if steps < 1 or eval_every < 1:
     raise UserError("--steps and --eval-every must be >= 1")
   loader = Loader(config)

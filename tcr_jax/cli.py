@@ -22,8 +22,8 @@ def _preview_data(args: argparse.Namespace) -> None:
 
 
 def _import_torchvision(args: argparse.Namespace) -> None:
-  from tcr_jax.tasks import torchvision_import
-  summary = torchvision_import.import_to_checkpoint(
+  from tcr_jax.tasks import checkpoint_io
+  summary = checkpoint_io.import_to_checkpoint(
       args.arch, args.state_dict, args.output)
   import json
   print(json.dumps(summary))

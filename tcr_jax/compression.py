@@ -3,9 +3,12 @@
   tcr-jax compress   --workdir W --input IMAGE --output FILE.tcr [--checkpoint NAME]
   tcr-jax decompress --workdir W --input FILE.tcr --output-dir DIR [--layers base|all]
 
-A detection workdir (configs/detection_recon.py) codes the image resized as
-the detector's input and decodes to detections.json (boxes in that
-image's pixels) and reconstruction.png.
+The base task (tcr_jax/bases/) says what is coded and what a decoded file
+gives: a depth workdir codes the image as it is and decodes to
+disparity.png and reconstruction.png (segmentation.png); a detection
+workdir (configs/detection_recon.py) codes the image resized as the
+detector's input and decodes to detections.json (boxes in that image's
+pixels) and reconstruction.png. The summary's coded_size is the size coded.
 
 NAME is a stage of W (default: the proposal at the middle alpha):
 "enhancement_<method>_alpha<a>" codes the base and the enhancement layer,
@@ -28,6 +31,7 @@ import tempfile
 
 import numpy as np
 
+from tcr_jax import bases
 from tcr_jax.errors import UserError
 
 MIN_SIDE = 32  # one latent cell of the base layer
@@ -89,15 +93,15 @@ def load_models(workdir: str, checkpoint: str | None = None):
   """(config, (base model, variables), (enhancement model, variables) | None,
   (base stage, enhancement stage or None))."""
   import jax.numpy as jnp
-  from tcr_jax import models
   config = workdir_config(workdir)
   base_stage, enh_stage = _pick(workdir, checkpoint)
-  base = models.base_model(config)
+  task = bases.for_config(config)
+  base = task.base_model()
   x = jnp.zeros((1, 64, 64, 3))
   base_vars = _restore(workdir, base_stage, base, x)
   enh = None
   if enh_stage:
-    model = models.enhancement_model(config)
+    model = task.enhancement_model()
     y_b = jnp.zeros(base.latent_shape(64, 64))
     enh = (model, _restore(workdir, enh_stage, model, x, y_b))
   return config, (base, base_vars), enh, (base_stage, enh_stage)
@@ -182,65 +186,16 @@ def compress_file(workdir: str, input_path: str, output: str,
   workdir_config(workdir), _pick(workdir, checkpoint)  # cheap checks first
   rgb = read_image(input_path)
   config, base, enh, stages = load_models(workdir, checkpoint)
-  coded = None
-  if _detection(config):  # the detector's resolution (torchvision's rule)
-    rgb = detection_input(config, rgb)
-    coded = list(rgb.shape[:2])
+  rgb = bases.for_config(config).coded_input(rgb)  # e.g. the detector's size
   data = files.compress_layers(base[0], base[1], rgb,
                                *(enh if enh is not None else (None, None)))
   fp = files.model_fingerprint(*base)
   summary = {"bytes": len(data), "bits": _stream_bits(data, fp),
              "estimated_bits": _estimated_bits(base, enh, rgb),
-             "model": "+".join(s for s in stages if s)}
-  if coded is not None:
-    summary["coded_size"] = coded
+             "model": "+".join(s for s in stages if s),
+             "coded_size": list(rgb.shape[:2])}
   _atomic_write(output, data)
   return summary
-
-
-def _detection(config) -> bool:
-  return config.task.get("base", "depth") == "detection"
-
-
-def detection_input(config, rgb: np.ndarray) -> np.ndarray:
-  """The image a detection workdir codes: resized as the detector's input
-  (torchvision's min_size / max_size rule of config.data, bilinear), in
-  8-bit RGB. Detections are reported in its pixels."""
-  from PIL import Image
-  from tcr_jax.data.detection import resized_size
-  h, w = resized_size(rgb.shape[0], rgb.shape[1], config.data.min_size,
-                      config.data.max_size)
-  if (h, w) == rgb.shape[:2]:
-    return rgb
-  return np.asarray(Image.fromarray(rgb).resize((w, h),
-                                                Image.Resampling.BILINEAR))
-
-
-def _detection_files(out: dict) -> dict[str, bytes]:
-  """detections.json (boxes x1 y1 x2 y2 in the coded image's pixels, COCO
-  category ids, scores) and reconstruction.png (the enhancement's when
-  decoded, else the one read off the base), at the coded size."""
-  dets = {k: np.asarray(v)[0] for k, v in out["detections"].items()}
-  found = dets["scores"] > 0
-  listing = [{"box": [round(float(c), 2) for c in box], "label": int(label),
-              "score": round(float(score), 5)}
-             for box, label, score in zip(dets["boxes"][found],
-                                          dets["labels"][found],
-                                          dets["scores"][found])]
-  image = np.asarray(out.get("x_hat", out["x_rec"]))[0]
-  return {"detections.json": json.dumps(
-              {"height": out["height"], "width": out["width"],
-               "detections": listing}, indent=1).encode(),
-          "reconstruction.png": _png_bytes(
-              (np.clip(image, 0, 1) * 255).round().astype(np.uint8))}
-
-
-def _png_bytes(array: np.ndarray) -> bytes:
-  import io
-  from PIL import Image
-  buf = io.BytesIO()
-  Image.fromarray(array).save(buf, "PNG")
-  return buf.getvalue()
 
 
 def decompress_file(workdir: str, input_path: str, output_dir: str,
@@ -255,11 +210,7 @@ def decompress_file(workdir: str, input_path: str, output_dir: str,
   config, base, enh, _ = load_models(workdir, checkpoint)
   use_enh = enh if (layers == "all" and enh is not None) else (None, None)
   out = files.decompress_layers(base[0], base[1], data, *use_enh)
-  h, w = out["height"], out["width"]
-  if _detection(config):
-    pngs = _detection_files(out)
-  else:
-    pngs = _depth_files(out, h, w)
+  pngs = bases.for_config(config).decoded_files(out)
   fp = files.model_fingerprint(*base)
   summary = {"bytes": len(data), "bits": _stream_bits(data, fp),
              "layers": "all" if "y_enhancement" in out else "base",
@@ -268,24 +219,3 @@ def decompress_file(workdir: str, input_path: str, output_dir: str,
   for name, payload in pngs.items():
     _atomic_write(os.path.join(output_dir, name), payload)
   return summary
-
-
-def _depth_files(out: dict, h: int, w: int) -> dict[str, bytes]:
-  from PIL import Image
-  pngs = {}
-  disparity = np.asarray(out["disparity"])[0]
-  # Cityscapes' encoding: p = 256 * disparity + 1 (0 = invalid), 16-bit.
-  pngs["disparity.png"] = _png_bytes(
-      np.clip(np.round(disparity * 256 + 1), 1, 65535).astype(np.uint16))
-  if "x_hat" in out:
-    half = np.asarray(out["x_hat"])[0]
-    img = Image.fromarray((np.clip(half, 0, 1) * 255).round().astype(np.uint8))
-    pngs["reconstruction.png"] = _png_bytes(
-        np.asarray(img.resize((w, h), Image.Resampling.BICUBIC)))
-  else:
-    pngs["reconstruction.png"] = _png_bytes(
-        (np.clip(np.asarray(out["x_rec"])[0], 0, 1) * 255).round().astype(np.uint8))
-  if "logits" in out:
-    labels = np.asarray(out["logits"]["out"])[0].argmax(-1).astype(np.uint8)
-    pngs["segmentation.png"] = _png_bytes(labels)
-  return pngs

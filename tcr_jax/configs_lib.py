@@ -271,26 +271,25 @@ def experiment_config(experiment: str, enhancement_task: str,
   return c
 
 
-_SELECT = {"base": ("loss", "bpp_base", "depth_rmse", "psnr_from_base"),
-           "detection": ("loss", "bpp_base", "map", "map50", "psnr_from_base"),
-           "reconstruction": ("loss", "bpp_enhancement", "psnr"),
+_SELECT = {"reconstruction": ("loss", "bpp_enhancement", "psnr"),
            "segmentation": ("loss", "bpp_enhancement", "miou")}
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
   """One-line UserErrors for values the code would only trip over later."""
   from tcr_jax.errors import UserError
-  base = c.task.get("base", "depth")
+  # Here, not at the top: config files import this module, and the task
+  # objects import jax and the models.
+  from tcr_jax import bases
+  task = bases.for_config(c)  # an unknown task.base: a UserError
   checks = [
-      ("task.base", base, ("depth", "detection"), False),
       ("sweep.methods", c.sweep.methods, ("baseline", "proposal"), True),
       ("sweep.standalone_mode", c.sweep.standalone_mode, ("scratch", "refit"), False),
       ("task.enhancement", c.task.enhancement, ("reconstruction", "segmentation"), False),
       ("task.enhancement_rate_pixels", c.task.enhancement_rate_pixels, ("full", "half"), False),
       ("model.likelihood_bound", c.model.likelihood_bound, ("clamp", "lower_bound"), False),
       ("train.lr_schedule", c.train.lr_schedule, ("constant", "cosine"), False),
-      ("train.base_select", c.train.base_select,
-       _SELECT["detection" if base == "detection" else "base"], False),
+      ("train.base_select", c.train.base_select, task.select_metrics, False),
       ("train.enhancement_select", c.train.enhancement_select,
        _SELECT.get(c.task.enhancement, ()), False),
   ]
@@ -327,12 +326,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.train.base_pretrain_steps < 0 or not c.train.finetune_lr_scale > 0:
     raise UserError("config.train.base_pretrain_steps must be >= 0 and "
                     "config.train.finetune_lr_scale > 0")
-  if base == "detection":
-    from tcr_jax import detection
-    detection.check_config(c)
-  elif not 0.0 < c.task.depth_bn_momentum <= 1.0:
-    raise UserError("config.task.depth_bn_momentum must be in (0, 1] (torch "
-                    "convention: the weight of each new batch; torchvision's 0.01)")
+  task.check_config()
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:

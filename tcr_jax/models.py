@@ -8,6 +8,8 @@
   DetectionBase  (tcr_jax/models_detection.py) the detection base layer:
                Y_b for Faster R-CNN, plus the reconstruction decoder
 
+Each base task (tcr_jax/bases/) builds its layers from a config.
+
 Every model offers the same methods, which the trainer, the evaluation and
 the coder (tcr_jax.codec.files) all call instead of re-implementing them:
 
@@ -31,7 +33,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tcr_jax import canvas
 from tcr_jax.codec import entropy_models, layers, ops, transforms
+from tcr_jax.tasks.deeplabv3 import DeepLabV3ResNet50
+from tcr_jax.tasks.layers import resize_bilinear
+from tcr_jax.tasks.lraspp import LRASPPMobileNetV3
 
 PyTree = Any
 
@@ -150,7 +156,6 @@ class DepthBase(nn.Module):
         self.hyper_channels, self.likelihood_bound)
 
   def setup(self):
-    from tcr_jax.tasks import LRASPPMobileNetV3
     dt = _dtype(self.compute_dtype)
     widths = tuple(self.widths)
     self.down = layers.conv(3, 5)
@@ -273,7 +278,6 @@ class Enhancement(nn.Module):
               else self.task_blocks)
     self.g_s = transforms.SynthesisTransform(3, widths[::-1], blocks, dtype=dt)
     if self.task_name == "segmentation":
-      from tcr_jax.tasks import DeepLabV3ResNet50
       self.head = DeepLabV3ResNet50(num_classes=self.num_classes,
                                     width=self.head_width)
 
@@ -292,8 +296,7 @@ class Enhancement(nn.Module):
   def analysis(self, x: jax.Array, image_sizes: jax.Array | None = None
                ) -> jax.Array:
     if self.normalize_input:
-      from tcr_jax.models_detection import normalize_canvas
-      padded, _ = normalize_canvas(self.target(x), image_sizes, self.multiple)
+      padded, _ = canvas.normalize_canvas(self.target(x), image_sizes, self.multiple)
     else:
       padded, _ = ops.pad_to_multiple(self.target(x), self.multiple)
     return self.g_a(padded).astype(jnp.float32)
@@ -310,11 +313,9 @@ class Enhancement(nn.Module):
             if self.half_resolution else tuple(size))
     out = ops.crop(self.g_s(y_hat).astype(jnp.float32), half)
     if self.normalize_input:
-      from tcr_jax.models_detection import denormalize
-      out = denormalize(out)
+      out = canvas.denormalize(out)
     if self.task_name == "reconstruction":
       return {"x_hat": out}
-    from tcr_jax.tasks.layers import resize_bilinear
     logits = self.head(out, train=train)
     return {"logits": {k: resize_bilinear(v, size) for k, v in logits.items()}}
 
@@ -332,25 +333,9 @@ class Enhancement(nn.Module):
 # The layers of an experiment config.
 
 
-def base_model(config):
-  """The base layer of config.task.base: DepthBase, or DetectionBase
-  (tcr_jax/models_detection.py)."""
-  if config.task.get("base", "depth") == "detection":
-    from tcr_jax.models_detection import detection_base_model
-    return detection_base_model(config)
-  m = config.model
-  return DepthBase(
-      latent_channels=m.latent_channels, widths=tuple(m.widths),
-      analysis_blocks=m.analysis_blocks, task_blocks=m.task_blocks,
-      recon_blocks=m.recon_blocks, entropy_model_name=config.entropy_model,
-      hyper_channels=m.hyper_channels, quantizer=m.quantizer,
-      likelihood_bound=m.likelihood_bound,
-      disparity_scale=config.task.disparity_scale,
-      head_bn_momentum=config.task.depth_bn_momentum,
-      compute_dtype=m.compute_dtype)
-
-
-def enhancement_model(config) -> Enhancement:
+def enhancement_model(config, **options) -> Enhancement:
+  """The enhancement layer of an experiment config; `options` are the base
+  task's fields (its enhancement_options(), tcr_jax/bases/)."""
   m = config.model
   return Enhancement(
       task_name=config.task.enhancement, latent_channels=m.latent_channels,
@@ -360,8 +345,4 @@ def enhancement_model(config) -> Enhancement:
       quantizer=m.quantizer, likelihood_bound=m.likelihood_bound,
       num_classes=config.task.num_classes,
       ignore_index=config.task.ignore_index, compute_dtype=m.compute_dtype,
-      head_width=config.task.get("segmentation_width", 1.0),
-      # The detection experiment's enhancement codes what the detector
-      # reads: the full-resolution, normalised canvas (the authors').
-      **({"half_resolution": False, "normalize_input": True}
-         if config.task.get("base", "depth") == "detection" else {}))
+      head_width=config.task.get("segmentation_width", 1.0), **options)

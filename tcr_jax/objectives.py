@@ -48,8 +48,10 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
+from tcr_jax.canvas import inside_mask
 from tcr_jax.codec import entropy
 from tcr_jax.tasks import losses
+from tcr_jax.tasks.faster_rcnn import IMAGENET_STD
 
 Terms = Mapping[str, jax.Array]
 
@@ -99,12 +101,14 @@ def base_terms(out: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]
   }
 
 
-# D_b of each base task, by its key in the terms.
-TASK_DISTORTIONS = ("depth_rmse", "detection_loss")
+# D_b of each base task, by its key in the terms: the depth task's, the
+# detection task's, and "task_loss" for any other base task (tcr_jax/bases/).
+TASK_DISTORTIONS = ("depth_rmse", "detection_loss", "task_loss")
 
 
 def task_distortion(terms: Terms) -> jax.Array:
-  """D_b: the base task's term (depth RMSE or the detection losses)."""
+  """D_b: the base task's term (depth RMSE, the detection losses, or
+  another task's task_loss)."""
   found = [k for k in TASK_DISTORTIONS if k in terms]
   if len(found) != 1:
     raise KeyError(f"base terms need exactly one of {TASK_DISTORTIONS}, "
@@ -139,7 +143,6 @@ def masked_mse_per_image(x: jax.Array, x_hat: jax.Array,
                          image_sizes: jax.Array, scale=None) -> jax.Array:
   """Mean squared error over each image's own pixels (its size on the
   canvas) and channels, errors divided by `scale` per channel."""
-  from tcr_jax.models_detection import inside_mask
   err = x_hat - x
   if scale is not None:
     err = err / jnp.asarray(scale, err.dtype)
@@ -150,7 +153,6 @@ def masked_mse_per_image(x: jax.Array, x_hat: jax.Array,
 
 def normalized_rmse_255_per_image(x, x_hat, image_sizes) -> jax.Array:
   """255 * RMSE in the detector's normalised space (the authors' term)."""
-  from tcr_jax.tasks.faster_rcnn import IMAGENET_STD
   return 255.0 * jnp.sqrt(masked_mse_per_image(x, x_hat, image_sizes,
                                                IMAGENET_STD) + 1e-12)
 

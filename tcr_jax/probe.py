@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from tcr_jax import compression, v_information
+from tcr_jax import bases, checkpoints, compression, v_information
 from tcr_jax.errors import UserError
 
 RESULTS = "v_information.json"
@@ -84,7 +84,6 @@ def _base_results(workdir: str) -> dict[str, dict]:
 
 
 def load_records(workdir: str) -> list[dict]:
-  from tcr_jax import checkpoints
   return checkpoints.read_json(os.path.join(workdir, RESULTS), [])
 
 
@@ -94,11 +93,8 @@ def probe_workdir(workdir: str, *, families=v_information.FAMILIES,
                   stages=(), learning_rate: float | None = None, log=print) -> list[dict]:
   """Measures and writes the records of every base model; returns them all
   (the file's, updated)."""
-  from tcr_jax import data
   config = compression.workdir_config(workdir)
-  if config.task.get("base", "depth") != "depth":
-    raise UserError(f"{workdir} is a {config.task.base} workdir; the probes "
-                    "measure depth base layers only (docs/v_information.md)")
+  bases.require_depth(config, f"the probes (docs/v_information.md) of {workdir}")
   bad = sorted(set(families) - set(v_information.FAMILIES))
   if bad:
     raise UserError(f"unknown family {bad[0]!r}; choose from "
@@ -118,8 +114,9 @@ def probe_workdir(workdir: str, *, families=v_information.FAMILIES,
   if steps < 1 or train_images < 2 or val_images < 1:
     raise UserError("--steps and --val-images must be >= 1, --train-images >= 2")
   t0 = time.time()
-  train = _read(data.make_dataset(config, "train"), train_images)
-  val = _read(data.make_dataset(config, "validation"), val_images)
+  task = bases.for_config(config)
+  train = _read(task.dataset("train"), train_images)
+  val = _read(task.dataset("validation"), val_images)
   args = (config.task.ignore_index, config.task.num_classes, targets)
   train_t, val_t = data_targets(train, *args), data_targets(val, *args)
   log(f"probe: {len(train['image'])} training and {len(val['image'])} "
@@ -158,7 +155,6 @@ def probe_workdir(workdir: str, *, families=v_information.FAMILIES,
 
 
 def _write(workdir: str, records: dict) -> list[dict]:
-  from tcr_jax import checkpoints
   out = sorted(records.values(), key=lambda r: (r["target"], r["family"],
                                                  r["method"], r["alpha"]))
   checkpoints.write_json(os.path.join(workdir, RESULTS), out)

@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tcr_jax import compression, data
+from tcr_jax import bases, compression
 
 SAVING_THRESHOLD = 0.05   # a channel saving less than this is "stuck"
 ACTIVE_BITS = 0.02        # bits per element (without side) to count a channel
@@ -221,7 +221,7 @@ def report(args: argparse.Namespace) -> int:
         args.workdir, stage)
     if measure is None:  # every stage of a workdir has the same architecture
       measure = make_measure(base, enh)
-      dataset = data.make_dataset(config, "validation")
+      dataset = bases.for_config(config).dataset("validation")
       batches = [jnp.asarray(dataset.batch(range(i, min(i + args.batch,
                                                         args.images)))["image"])
                  for i in range(0, args.images, args.batch)]

@@ -34,30 +34,26 @@ import os
 
 import jax
 import ml_collections
+import numpy as np
 
-from tcr_jax import checkpoints, train
+from tcr_jax import bases, checkpoints, train
 
 
 def stage_name(kind: str, method: str, alpha: float) -> str:
   return f"{kind}_{method}_alpha{alpha:g}"
 
 
-def base_task_metrics(c) -> tuple[str, ...]:
-  """The base task's metrics in results.json: depth RMSE, or detection mAP."""
-  if c.task.get("base", "depth") == "detection":
-    return ("map", "map50")
-  return ("depth_rmse", "depth_rmse_objects")
-
-
-def record(c, layer: str, method: str, alpha: float, beta, m: dict) -> dict:
-  """One line of results.json."""
+def record(c, layer: str, method: str, alpha: float, beta, m: dict,
+           task_metrics: tuple[str, ...]) -> dict:
+  """One line of results.json; task_metrics: the base task's (its
+  `metrics`: depth RMSE, detection mAP, ...)."""
   enh_metric = "psnr" if c.task.enhancement == "reconstruction" else "miou"
   return {
       "experiment": c.experiment, "layer": layer, "method": method,
       "alpha": alpha, "beta": beta,
       "bpp_base": m.get("bpp_base"),
       "bpp_enhancement": m.get("bpp_enhancement") if layer == "enhancement" else None,
-      **{k: m.get(k) for k in base_task_metrics(c)},
+      **{k: m.get(k) for k in task_metrics},
       "psnr_from_base": m.get("psnr_from_base"),
       enh_metric: m.get(enh_metric),
       "loss": m.get("loss"),
@@ -92,7 +88,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   train.log(f"{c.experiment} ({c.variant}) on {jax.device_count()} "
             f"{jax.default_backend()} device(s), {jax.process_count()} "
             f"process(es); workdir {workdir}")
-  note = train.initial_weights_note(c)
+  task_metrics = exp.task.metrics
+  note = exp.task.initial_weights_note()
   if note:
     train.log(note)
   records = []
@@ -127,16 +124,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       base_vars, bm = train.run_stage(exp, bstage, writer_factory)
       if method in starts and c.train.finetune_chain:
         starts[method] = base_vars
-      records.append(record(c, "base", method, alpha, beta, bm))
+      records.append(record(c, "base", method, alpha, beta, bm, task_metrics))
       estage = train.Stage(stage_name("enhancement", method, alpha),
                            "enhancement", c.train.enhancement_steps,
                            {"alpha": alpha_e, "side_gate": 1.0, "base_rate": 1.0},
                            frozen=base_vars)
       enh_vars, em = train.run_stage(exp, estage, writer_factory)
       records.append(record(c, "enhancement", method, alpha, beta,
-                            {**em, **{k: bm.get(k) for k in base_task_metrics(c)},
+                            {**em, **{k: bm.get(k) for k in task_metrics},
                              "psnr_from_base": bm["psnr_from_base"],
-                             "bpp_actual_base": bm.get("bpp_actual_base")}))
+                             "bpp_actual_base": bm.get("bpp_actual_base")},
+                            task_metrics))
       previews.append((alpha, method, bstage, base_vars, estage, enh_vars))
     if c.sweep.standalone:
       refit = c.sweep.standalone_mode == "refit"
@@ -147,7 +145,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
           frozen=base_vars, init=enh_vars if refit else None,
           trainable="entropy_model" if refit else "all")
       _, sm = train.run_stage(exp, sstage, writer_factory)
-      records.append(record(c, "enhancement", "standalone", alpha, None, sm))
+      records.append(record(c, "enhancement", "standalone", alpha, None, sm,
+                            task_metrics))
 
   checkpoints.write_json(os.path.join(workdir, "results.json"), records)
   _write_previews(exp, previews)
@@ -171,20 +170,16 @@ def _beta(c, method: str) -> float:
 
 
 def reference_record(c, exp: train.Experiment) -> dict | None:
-  """The trivial references (tcr_jax/references.py) as a results record;
-  None when config.eval.reference_train_images is 0. Process 0 computes,
-  every process receives them."""
-  if c.eval.reference_train_images <= 0 or c.task.get("base") == "detection":
+  """The base task's trivial references (its trivial_references; the depth
+  task's: tcr_jax/references.py) as a results record; None when
+  config.eval.reference_train_images is 0 or the task has none. Process 0
+  computes, every process receives them."""
+  names = exp.task.reference_names
+  if c.eval.reference_train_images <= 0 or not names:
     return None
-  import numpy as np
-  from tcr_jax import references
-  names = ("constant_disparity_rmse", "mean_disparity_rmse",
-           "mean_disparity_rmse_objects", "mean_image_psnr")
   values = np.zeros(len(names), np.float32)
   if jax.process_index() == 0:
-    refs = references.trivial_references(
-        exp.loader.train_data, exp.loader.report_data,
-        c.eval.reference_train_images, exp.eval_images)
+    refs = exp.task.trivial_references(exp.loader, exp.eval_images)
     values = np.array([np.nan if refs[n] is None else refs[n] for n in names],
                       np.float32)
   if jax.process_count() > 1:
@@ -240,8 +235,7 @@ def adopt_bases(c, workdir: str, source: str) -> list[str]:
   from tcr_jax.errors import UserError
   if os.path.abspath(source) == os.path.abspath(workdir):
     raise UserError("config.sweep.bases_from is this workdir")
-  if c.task.get("base", "depth") != "depth":
-    raise UserError("config.sweep.bases_from is for depth sweeps")
+  bases.require_depth(c, "config.sweep.bases_from")
   mine = json.loads(c.to_json())
   other = json.loads(compression.workdir_config(source).to_json())
   for tree in (mine, other):  # workdirs from before eval.split: validation

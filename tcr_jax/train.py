@@ -1,8 +1,10 @@
-"""Training one stage: train state, loss functions, the jitted step, the loop.
+"""Training one stage: train state, the jitted step, the loop.
 
 A stage is one model of the sweep (tcr_jax/sweep.py): a base layer, or an
 enhancement layer on a frozen base. `Experiment` holds what every stage of a
-sweep shares (the mesh, the data, the two models, the compiled steps);
+sweep shares (the mesh, the data, the two models, the compiled steps); the
+base task's object (tcr_jax/bases/) supplies the data, the models, the loss
+functions, the initial variables and the evaluator;
 `run_stage` trains a stage, or resumes it, or skips it when it is finished:
 
   * the train state is flax's TrainState plus batch statistics and a PRNG
@@ -34,7 +36,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tcr_jax import checkpoints, evaluate, models, objectives, sharding
+from tcr_jax import bases, checkpoints, sharding
 from tcr_jax.data import loader as loader_lib
 from tcr_jax.data import sampler
 from tcr_jax.errors import UserError
@@ -82,46 +84,6 @@ def _with_batch_stats(variables: PyTree) -> PyTree:
           "batch_stats": variables.get("batch_stats", {})}
 
 
-# --------------------------------------------------------------------------
-# Loss functions: (loss to differentiate, (metrics, new batch statistics)).
-
-
-def base_loss_fn(model: models.DepthBase, variables, batch, rng, hp,
-                 frozen=None, train: bool = True):
-  """L_b on a batch (tcr_jax/objectives.py)."""
-  del frozen
-  out, state = model.apply(
-      variables, batch["image"], train=train,
-      rec_gate=objectives.reconstruction_gate(hp["beta"]),
-      rngs={"noise": rng}, mutable=["batch_stats"])
-  terms = objectives.base_terms(out, batch)
-  metrics = {"loss": objectives.base_loss(terms, hp["alpha"], hp["beta"]),
-             **terms}
-  loss = objectives.base_training_loss(terms, hp["alpha"], hp["beta"])
-  return loss, (metrics, state.get("batch_stats", {}))
-
-
-def enhancement_loss_fn(model: models.Enhancement, base: models.DepthBase,
-                        config, variables, batch, rng, hp, frozen,
-                        train: bool = True):
-  """L_e on a batch, given the frozen base variables."""
-  x = batch["image"]
-  y_b, lik_b = jax.lax.stop_gradient(base.apply(frozen, x, method="encode"))
-  noise, dropout = jax.random.split(rng)
-  out, state = model.apply(variables, x, y_b * hp["side_gate"], train=train,
-                           rngs={"noise": noise, "dropout": dropout},
-                           mutable=["batch_stats"])
-  t = config.task
-  distortion = objectives.enhancement_distortion(
-      out, batch, t.enhancement, t.num_classes, t.ignore_index, t.aux_weight)
-  pixels = objectives.rate_pixels(x.shape[1], x.shape[2],
-                                  t.enhancement_rate_pixels)
-  terms = objectives.enhancement_terms(lik_b, out["likelihoods"], distortion,
-                                       pixels)
-  loss = objectives.enhancement_loss(terms, hp["alpha"], hp["base_rate"])
-  return loss, ({"loss": loss, **terms}, state.get("batch_stats", {}))
-
-
 SCHEDULES = ("constant", "cosine")
 
 
@@ -162,27 +124,22 @@ def train_step(state: TrainState, batch, hp, frozen, *, loss_fn: Callable,
   return state, metrics
 
 
-def optimizer(config, kind: str, trainable: str = "all"
+def optimizer(config, kind: str, trainable: str = "all", task=None
               ) -> optax.GradientTransformation:
-  """Adam (with the kind's gradient clipping); trainable="entropy_model"
+  """Adam (with the kind's gradient clipping; the base task's frozen parts,
+  task.base_optimizer, for the base layer); trainable="entropy_model"
   leaves every parameter outside the entropy model ("em") unchanged."""
   t = config.train
   clip = t.base_grad_clip if kind == "base" else t.enhancement_grad_clip
   adam = optax.adam(t.learning_rate)
   tx = optax.chain(optax.clip_by_global_norm(clip), adam) if clip > 0 else adam
-  if kind == "base" and _detection(config):
-    from tcr_jax import detection
-    tx = detection.freeze_detector(tx, config.task.trainable_backbone_layers)
+  if kind == "base":
+    tx = (task or bases.for_config(config)).base_optimizer(tx)
   if trainable == "all":
     return tx
   labels = lambda params: {k: "train" if k == "em" else "freeze" for k in params}
   return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()},
                                labels)
-
-
-def _detection(config) -> bool:
-  """The detection experiment (tcr_jax/detection.py supplies its pieces)."""
-  return config.task.get("base", "depth") == "detection"
 
 
 # --------------------------------------------------------------------------
@@ -196,8 +153,10 @@ class Experiment:
                devices=None):
     self.config = config
     self.workdir = workdir
+    self.task = bases.for_config(config)
     self.mesh = sharding.data_mesh(devices)
-    self.loader = loader_lib.Loader(config, self.mesh)  # data errors first
+    self.loader = loader_lib.Loader(config, self.mesh,  # data errors first
+                                    self.task.dataset)
     n_dev = self.mesh.size
     for what, b in (("train.batch_size", config.train.batch_size),
                     ("eval.batch_size", config.eval.batch_size)):
@@ -207,19 +166,15 @@ class Experiment:
     self.batch_sharding = NamedSharding(self.mesh, P("data"))
     self.eval_images = min(config.data.eval_images, len(self.loader.val_data),
                            len(self.loader.report_data))
-    self.base = models.base_model(config)
-    self.enh = models.enhancement_model(config)
-    evaluator = evaluate.Evaluator
-    if _detection(config):
-      from tcr_jax import detection
-      evaluator = detection.DetectionEvaluator
-    self.evaluator = evaluator(config, self.base, self.enh, self.loader,
-                               self.mesh)
+    self.base = self.task.base_model()
+    self.enh = self.task.enhancement_model()
+    self.evaluator = self.task.evaluator(self.base, self.enh, self.loader,
+                                         self.mesh)
     self._steps: dict[tuple, Callable] = {}
     self._initial: dict[str, PyTree] = {}
     # One optimizer object per (kind, trainable): it is part of the state's
     # static structure, so a new one per stage would recompile the step.
-    self.tx = {(kind, tr): optimizer(config, kind, tr)
+    self.tx = {(kind, tr): optimizer(config, kind, tr, self.task)
                for kind in ("base", "enhancement") for tr in TRAINABLE}
     # Compiled: eagerly, Adam's zeros are one dispatch per leaf (0.7 s a
     # stage on two CPU cores).
@@ -227,16 +182,10 @@ class Experiment:
 
   def loss_fn(self, kind: str, train: bool = True) -> Callable:
     """(variables, batch, rng, hp, frozen) -> (loss, (metrics, stats))."""
-    if _detection(self.config):
-      from tcr_jax import detection
-      if kind == "base":
-        return functools.partial(detection.base_loss_fn, self.base, train=train)
-      return functools.partial(detection.enhancement_loss_fn, self.enh,
-                               self.base, self.config, train=train)
     if kind == "base":
-      return functools.partial(base_loss_fn, self.base, train=train)
-    return functools.partial(enhancement_loss_fn, self.enh, self.base,
-                             self.config, train=train)
+      return functools.partial(self.task.base_loss_fn, self.base, train=train)
+    return functools.partial(self.task.enhancement_loss_fn, self.enh,
+                             self.base, train=train)
 
   def train_step(self, kind: str, trainable: str = "all") -> Callable:
     if (kind, trainable) not in self._steps:
@@ -256,33 +205,10 @@ class Experiment:
     return self._initial[kind]
 
   def _init_variables(self, kind: str) -> PyTree:
-    c = self.config
-    x = jnp.zeros((1, c.data.height, c.data.width, 3), jnp.float32)
     # The rbg generator compiles initialisers ~5x faster than threefry on
     # CPU (20 s -> 4 s for g_a); the train steps keep threefry.
-    key = jax.random.key(sampler.stage_seed(c.seed, kind), impl="rbg")
-    if _detection(c):
-      from tcr_jax import detection
-      return detection.init_variables(self.base, self.enh, c, kind, key)
-    if kind == "base":
-      variables = jax.jit(self.base.init)(key, x)
-      if c.init.depth_backbone:
-        variables = _load_into(variables, ("head", "backbone"),
-                               c.init.depth_backbone, "mobilenet_v3_large")
-      if c.init.depth_head:
-        variables = _load_into(variables, ("head",), c.init.depth_head,
-                               "lraspp_mobilenet_v3_large")
-      return variables
-    y_b = jnp.zeros(self.base.latent_shape(c.data.height, c.data.width))
-    variables = jax.jit(self.enh.init)(key, x, y_b)
-    if c.task.enhancement == "segmentation":
-      if c.init.segmentation_backbone:
-        variables = _load_into(variables, ("head", "backbone"),
-                               c.init.segmentation_backbone, "resnet50")
-      if c.init.segmentation_head:
-        variables = _load_into(variables, ("head",), c.init.segmentation_head,
-                               "deeplabv3_resnet50")
-    return variables
+    key = jax.random.key(sampler.stage_seed(self.config.seed, kind), impl="rbg")
+    return self.task.init_variables(self.base, self.enh, kind, key)
 
   def create_train_state(self, stage: Stage) -> TrainState:
     # A fresh copy: the step donates its state, and the initial variables
@@ -300,57 +226,6 @@ class Experiment:
     return jax.device_put(state, self.replicated)
 
 
-def _load_into(variables: PyTree, where: tuple[str, ...], path: str,
-               arch: str) -> PyTree:
-  """Puts the variables of a `tcr-jax import-torchvision` checkpoint of
-  `arch` at `where` (e.g. ("head", "backbone")) in the model's variables."""
-  from tcr_jax import tasks
-  module, loaded = tasks.load_checkpoint(path)
-  want_class = {"mobilenet_v3_large": tasks.MobileNetV3Large,
-                "resnet50": tasks.ResNet50,
-                "lraspp_mobilenet_v3_large": tasks.LRASPPMobileNetV3,
-                "deeplabv3_resnet50": tasks.DeepLabV3ResNet50,
-                "fasterrcnn_resnet50_fpn_v2": tasks.FasterRCNN}[arch]
-  if type(module) is not want_class:
-    raise UserError(f"{path}: holds a {type(module).__name__}, this slot takes "
-                    f"{arch} (tcr-jax import-torchvision --arch {arch})")
-  out = jax.tree.map(lambda a: a, variables)  # a copy of the containers
-  for col in ("params", "batch_stats"):
-    node = out[col]
-    for key in where[:-1]:
-      node = node[key]
-    want = jax.tree.map(jnp.shape, node[where[-1]])
-    got = jax.tree.map(jnp.shape, loaded[col])
-    if want != got:
-      raise UserError(f"{path}: its {arch} variables do not fit the model "
-                      "(different architecture or class count)")
-    node[where[-1]] = loaded[col]
-  return out
-
-
-def initial_weights_note(config) -> str | None:
-  """One line saying which task networks start from random weights."""
-  c = config
-  scratch = []
-  if _detection(c):
-    if not c.init.detection_head:
-      return ("note: the detector starts from random weights; the authors "
-              "start from torchvision's COCO weights (config.init."
-              "detection_head; README: tcr-jax import-torchvision)")
-    return None
-  if not (c.init.depth_backbone or c.init.depth_head):
-    scratch.append("the depth head (config.init.depth_backbone)")
-  if c.task.enhancement == "segmentation" and not (
-      c.init.segmentation_backbone or c.init.segmentation_head):
-    scratch.append("the segmentation head (config.init.segmentation_backbone)")
-  if not scratch:
-    return None
-  verb = "starts" if len(scratch) == 1 else "start"
-  return (f"note: {' and '.join(scratch)} {verb} from random weights; the "
-          "authors start from torchvision's ImageNet backbones (README: "
-          "tcr-jax import-torchvision)")
-
-
 # --------------------------------------------------------------------------
 # The stage loop.
 
@@ -358,7 +233,6 @@ def initial_weights_note(config) -> str | None:
 def run_stage(exp: Experiment, stage: Stage, writer_factory
               ) -> tuple[PyTree, dict]:
   """Trains (or resumes, or skips) a stage; returns (variables, metrics)."""
-  c = exp.config
   stage_dir = os.path.join(exp.workdir, "stages", stage.name)
   state = exp.create_train_state(stage)
   variables_template, train_template = state.split()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tcr_jax import configs_lib, train
+from tcr_jax.tasks import checkpoint_io
 from tcr_jax.codec import entropy
 from tcr_jax.errors import UserError
 
@@ -156,8 +157,9 @@ def test_imagenet_backbone_starts_the_depth_head(experiment, tmp_path, capsys):
     exp.config.init.depth_backbone = str(tmp_path / "mnv3")
   try:
     with pytest.raises(UserError, match="resnet50"):
-      train._load_into(v, ("head", "backbone"), str(tmp_path / "mnv3"), "resnet50")
+      checkpoint_io.load_into(v, ("head", "backbone"), str(tmp_path / "mnv3"),
+                              "resnet50")
   finally:
     with exp.config.unlocked():
       exp.config.init.depth_backbone = ""
-  assert train.initial_weights_note(exp.config).startswith("note: the depth head")
+  assert exp.task.initial_weights_note().startswith("note: the depth head")

@@ -30,7 +30,7 @@ def test_the_ceiling_learns_and_is_written_where_the_report_finds_it(tmp_path, c
   # Trained, the head beats its start (which predicts about 0 px).
   from tcr_jax import compression, data
   c = compression.workdir_config(workdir)
-  val = data.make_dataset(c, "validation").batch(range(8))
+  val = data.scene_dataset(c, "validation").batch(range(8))
   zero_rmse = float(np.sqrt(np.mean(val["disparity"][val["valid"]] ** 2)))
   assert record["depth_rmse"] < 0.8 * zero_rmse
   # The report lists it among the references.

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tcr_jax import checkpoints, configs_lib, models, rd, references, sweep, train
+from tcr_jax import bases, checkpoints, configs_lib, rd, references, sweep, train
 from tcr_jax.data import labels as label_ids
 from tcr_jax.errors import UserError
 
@@ -79,9 +79,9 @@ def test_object_rmse_pools_the_object_pixels_of_real_images_only():
 
 
 def test_per_pixel_mean_beats_a_constant_on_the_synthetic_scenes(configs):
-  from tcr_jax.data import make_dataset
+  from tcr_jax.data import scene_dataset
   c = configs.smoke()
-  tr, va = make_dataset(c, "train"), make_dataset(c, "validation")
+  tr, va = scene_dataset(c, "train"), scene_dataset(c, "validation")
   refs = references.trivial_references(tr, va, 64, 16)
   assert refs["mean_disparity_rmse"] < refs["constant_disparity_rmse"]
   assert 5.0 < refs["mean_image_psnr"] < 30.0
@@ -153,7 +153,7 @@ def test_every_base_model_fine_tunes_its_methods_start(tmp_path, configs):
   assert ref["mean_disparity_rmse_objects"] > ref["mean_disparity_rmse"]
   assert all(r["depth_rmse_objects"] > 0 for r in records if r["layer"] == "base")
   assert "References (the trivial ones" in (tmp_path / "bd_rate.md").read_text()
-  model = models.base_model(c)
+  model = bases.for_config(c).base_model()
   x = jnp.zeros((1, c.data.height, c.data.width, 3))
   template = jax.eval_shape(lambda k: model.init(k, x), jax.random.key(0))
 
@@ -188,7 +188,7 @@ def test_chained_fine_tunes_start_from_the_previous_alpha(tmp_path, configs):
                        "train.enhancement_steps": 1})
   c.sweep.alphas = (0.05, 0.2)
   sweep.train_and_evaluate(c, str(tmp_path))
-  model = models.base_model(c)
+  model = bases.for_config(c).base_model()
   x = jnp.zeros((1, c.data.height, c.data.width, 3))
   template = jax.eval_shape(lambda k: model.init(k, x), jax.random.key(0))
 

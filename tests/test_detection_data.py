@@ -96,8 +96,8 @@ def _config(data_dir, configs):
 def test_prepare_data_builds_coco_from_the_three_archives(coco_dir, configs):
   data_dir, images, summary = coco_dir
   assert summary["splits"] == {"train": 6, "validation": 3}
-  from tcr_jax.data import coco, make_dataset
-  train = make_dataset(_config(data_dir, configs), "train")
+  from tcr_jax.data import coco, detection_dataset
+  train = detection_dataset(_config(data_dir, configs), "train")
   # ids 15 (no annotations) and 16 (area 300) are filtered out.
   kept = sorted(int(train.source[int(i)]["image_id"]) for i in train.keep)
   assert kept == [11, 12, 13, 14]
@@ -135,8 +135,10 @@ def test_loader_batches_stay_on_one_canvas(coco_dir, configs):
   from tcr_jax import sharding
   from tcr_jax.data.loader import Loader
   data_dir, _, _ = coco_dir
-  loader = Loader(_config(data_dir, configs),
-                  sharding.data_mesh(jax.devices()[:2]))
+  from tcr_jax import bases
+  config = _config(data_dir, configs)
+  loader = Loader(config, sharding.data_mesh(jax.devices()[:2]),
+                  bases.for_config(config).dataset)
   for step in range(4):
     b = loader.host_train_batch("base", step)
     assert b["image"].shape[1:3] in ((64, 96), (96, 64))
@@ -161,16 +163,16 @@ def test_prepare_data_coco_names_what_is_missing(tmp_path):
 
 
 def test_unprepared_coco_says_what_to_run(tmp_path, configs):
-  from tcr_jax.data import make_dataset
+  from tcr_jax.data import detection_dataset
   c = _config(str(tmp_path / "nothing"), configs)
   with pytest.raises(UserError, match="prepare-data --dataset coco.*:synthetic"):
-    make_dataset(c, "train")
+    detection_dataset(c, "train")
 
 
 def test_synthetic_scenes_in_the_detection_layout(configs):
-  from tcr_jax.data import make_dataset
+  from tcr_jax import bases
   c = configs.load("detection_recon", "smoke")
-  data = make_dataset(c, "validation")
+  data = bases.for_config(c).dataset("validation")
   b = data.batch([0, 1, 2])
   assert b["image"].shape == (3, 64, 128, 3)
   assert (b["image_size"] == [64, 128]).all() and (b["orig_size"] == [64, 128]).all()

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tcr_jax import compression, models, models_detection, objectives, sweep
+from tcr_jax import bases, canvas, compression, models_detection, objectives, sweep
 from tcr_jax.codec import entropy
 
 from conftest import assert_same_records, run_killed_then_resumed
@@ -22,13 +22,13 @@ FIELDS = {"experiment", "layer", "method", "alpha", "beta", "bpp_base",
 def test_normalize_canvas_is_torchvisions_padded_batch():
   x = jnp.full((2, 40, 70, 3), 0.5)
   sizes = jnp.array([[40, 70], [20, 30]])
-  out, got = models_detection.normalize_canvas(x, sizes)
+  out, got = canvas.normalize_canvas(x, sizes)
   assert out.shape == (2, 64, 96, 3) and got.tolist() == sizes.tolist()
   mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
   np.testing.assert_allclose(out[0, 0, 0], (0.5 - mean) / std, rtol=1e-6)
   assert float(jnp.abs(out[0, 40:]).max()) == 0 and float(jnp.abs(out[1, :, 30:]).max()) == 0
   assert float(jnp.abs(out[1, 20:]).max()) == 0 and float(jnp.abs(out[1, :20, :30]).min()) > 0
-  np.testing.assert_allclose(models_detection.denormalize(out[0, :40, :70]), x[0],
+  np.testing.assert_allclose(canvas.denormalize(out[0, :40, :70]), x[0],
                              atol=1e-6)
 
 
@@ -64,7 +64,8 @@ def test_reconstruction_terms_ignore_the_canvas_padding():
 
 def test_detection_enhancement_codes_at_the_base_latent_size(configs):
   config = configs.smoke("detection_recon")
-  base, enh = models.base_model(config), models.enhancement_model(config)
+  task = bases.for_config(config)
+  base, enh = task.base_model(), task.enhancement_model()
   assert isinstance(base, models_detection.DetectionBase)
   assert not enh.half_resolution and enh.normalize_input
   for h, w in ((64, 128), (50, 70)):
@@ -156,7 +157,7 @@ def test_compress_decompress_with_a_detection_workdir(smoke_run, tmp_path):
   # The smoke config resizes as its detector reads (min 64, max 128): 50x100
   # -> 64x128.
   config, (bm, bv), (em, ev), _ = compression.load_models(workdir)
-  coded = compression.detection_input(config, rgb)
+  coded = bases.for_config(config).coded_input(rgb)
   assert coded.shape == (64, 128, 3)
   x = jnp.asarray(coded[None], jnp.float32) / 255
   y_b, _ = jax.jit(lambda v, x: bm.apply(v, x, method="encode"))(bv, x)
@@ -207,18 +208,17 @@ def test_bad_detection_fields_are_one_line_errors(configs):
 def test_detection_head_checkpoint_goes_into_the_base(tmp_path, configs):
   """config.init.detection_head: an import-torchvision checkpoint of
   fasterrcnn_resnet50_fpn_v2 replaces the base's detector variables."""
-  from tcr_jax import train
   from tcr_jax.tasks import FasterRCNN, checkpoint_io
   from tcr_jax.tasks import torchvision_import as ti
-  base = models.base_model(configs.smoke("detection_recon"))
+  base = bases.for_config(configs.smoke("detection_recon")).base_model()
   shapes = jax.eval_shape(base.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
   variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
   head = jax.tree.map(lambda s: np.full(s.shape, 0.5, s.dtype),
                       ti.abstract_variables(FasterRCNN()))
   checkpoint_io.write_checkpoint(str(tmp_path / "h"), head, {
       "arch": "fasterrcnn_resnet50_fpn_v2", "num_classes": 91, "aux_loss": False})
-  loaded = train._load_into(variables, ("head",), str(tmp_path / "h"),
-                            "fasterrcnn_resnet50_fpn_v2")
+  loaded = checkpoint_io.load_into(variables, ("head",), str(tmp_path / "h"),
+                                   "fasterrcnn_resnet50_fpn_v2")
   assert all(np.all(np.asarray(x) == 0.5)
              for x in jax.tree.leaves(loaded["params"]["head"]))
   assert all(np.all(np.asarray(x) == 0)

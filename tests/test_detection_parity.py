@@ -27,6 +27,7 @@ from torchvision.models.detection import fasterrcnn_resnet50_fpn_v2  # noqa: E40
 from tcr_jax import cli  # noqa: E402
 from tcr_jax.tasks import detection_ops as ops  # noqa: E402
 from tcr_jax.tasks import roi_heads, rpn  # noqa: E402
+from tcr_jax.tasks import checkpoint_io  # noqa: E402
 from tcr_jax.tasks import torchvision_import as ti  # noqa: E402
 
 pytestmark = [pytest.mark.parity, pytest.mark.slow]
@@ -388,7 +389,7 @@ def test_cli_import_and_checkpoint_round_trip(tv_model, converted, tmp_path, cap
   summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert summary["num_classes"] == 91 and summary["reinitialised"] == []
   assert summary["num_params"] == sum(p.numel() for p in tv_model.parameters())
-  module, variables = ti.load_checkpoint(str(tmp_path / "ckpt"))
+  module, variables = checkpoint_io.load_checkpoint(str(tmp_path / "ckpt"))
   assert module == ti.build_module(ARCH, 91)
   jax.tree.map(np.testing.assert_array_equal, variables, converted[1])
   exported = ti.export_state_dict(ARCH, variables)

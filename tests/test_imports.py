@@ -8,7 +8,8 @@ COMPUTE_MODULES = ["tcr_jax.codec", "tcr_jax.codec.files", "tcr_jax.models",
                    "tcr_jax.objectives", "tcr_jax.tasks", "tcr_jax.train",
                    "tcr_jax.evaluate", "tcr_jax.checkpoints", "tcr_jax.sweep",
                    "tcr_jax.bench", "tcr_jax.data", "tcr_jax.data.loader",
-                   "tcr_jax.data.synthetic", "tcr_jax.cli"]
+                   "tcr_jax.data.synthetic", "tcr_jax.cli", "tcr_jax.bases", "tcr_jax.bases.depth",
+                   "tcr_jax.bases.detection", "tcr_jax.compression"]
 
 
 @pytest.mark.parametrize("module", COMPUTE_MODULES)

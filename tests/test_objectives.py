@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tcr_jax import models, objectives, train
+from tcr_jax import models, objectives
+from tcr_jax.bases import depth
 
 KW = dict(latent_channels=8, widths=(4, 6, 8), analysis_blocks=1,
           task_blocks=1, recon_blocks=1)
@@ -105,7 +106,7 @@ def enhancement(base, random_variables):
   config.task = type("T", (), dict(enhancement="reconstruction", num_classes=0,
                                    ignore_index=-1, aux_weight=0.5,
                                    enhancement_rate_pixels="full"))()
-  loss_fn = functools.partial(train.enhancement_loss_fn, emodel, bmodel, config)
+  loss_fn = functools.partial(depth.Task(config).enhancement_loss_fn, emodel, bmodel)
   return loss_fn, evars, frozen, batch
 
 

@@ -27,6 +27,7 @@ from torchvision.models._utils import IntermediateLayerGetter  # noqa: E402
 from tcr_jax import cli  # noqa: E402
 from tcr_jax.errors import UserError  # noqa: E402
 from tcr_jax.tasks import losses  # noqa: E402
+from tcr_jax.tasks import checkpoint_io  # noqa: E402
 from tcr_jax.tasks import torchvision_import as ti  # noqa: E402
 
 pytestmark = [pytest.mark.parity, pytest.mark.slow]
@@ -317,7 +318,7 @@ def test_cli_import_torchvision_round_trip(lraspp_torch, tmp_path, capsys):
   assert summary["num_params"] == sum(
       p.numel() for p in lraspp_torch.parameters())
 
-  module, variables = ti.load_checkpoint(str(out_dir))
+  module, variables = checkpoint_io.load_checkpoint(str(out_dir))
   xt, xj = _images(8, SIZES[0])
   with torch.no_grad():
     ref = lraspp_torch(xt)["out"]
@@ -333,7 +334,7 @@ def test_cli_import_torchvision_round_trip(lraspp_torch, tmp_path, capsys):
   assert cli.main(argv[:-3] + [str(bad), "--output", str(tmp_path / "o2")]) == 2
   assert "state_dict" in capsys.readouterr().err
   with pytest.raises(UserError, match="not found"):
-    ti.import_to_checkpoint("resnet50", str(tmp_path / "none.pth"),
+    checkpoint_io.import_to_checkpoint("resnet50", str(tmp_path / "none.pth"),
                             str(tmp_path / "o3"))
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tcr_jax.errors import UserError
+from tcr_jax.tasks import checkpoint_io
 from tcr_jax.tasks import (DeepLabV3ResNet50, LRASPPMobileNetV3, losses,
                            torchvision_import as ti)
 
@@ -231,7 +232,7 @@ def test_backbone_into_segmentation_model():
 
 def test_load_checkpoint_rejects_other_directories(tmp_path):
   with pytest.raises(UserError, match="not a tcr-jax"):
-    ti.load_checkpoint(str(tmp_path))
+    checkpoint_io.load_checkpoint(str(tmp_path))
 
 
 # ------------------------------------------------------------------ losses

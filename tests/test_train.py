@@ -65,8 +65,8 @@ def test_actual_rates_are_the_sizes_of_real_files(smoke_run, configs):
               and r["method"] == "proposal")
   _, (model, variables), _, _ = compression.load_models(
       workdir, "base_proposal_alpha0.05")
-  from tcr_jax.data import make_dataset
-  images = make_dataset(configs.smoke(), "validation").batch(range(2))["image"]
+  from tcr_jax.data import scene_dataset
+  images = scene_dataset(configs.smoke(), "validation").batch(range(2))["image"]
   bits = [8 * len(files.compress_layers(model, variables, img)) for img in images]
   pixels = images.shape[1] * images.shape[2]
   assert base["bpp_actual_base"] == pytest.approx(np.mean(bits) / pixels, rel=1e-12)

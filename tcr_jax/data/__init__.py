@@ -1,15 +1,17 @@
 """Datasets: the embedded synthetic scenes and Cityscapes through tfds.
 
-`make_dataset(config, split)` returns an indexable dataset whose
-`batch(indices)` gives host numpy batches in the training layout:
+`scene_dataset(config, split)` returns an indexable dataset whose
+`batch(indices)` gives host numpy batches in the scene layout (the depth
+base task's, tcr_jax/bases/depth.py):
 
   image      (B, H, W, 3) float32 in [0, 1]
   disparity  (B, H, W) float32, pixels
   valid      (B, H, W) bool, pixels with ground-truth disparity
   labels     (B, H, W) int32, train ids, ignore mapped to config.task.ignore_index
 
-With config.task.base "detection" the batches are in the detection layout
+`detection_dataset(config, split)` gives batches in the detection layout
 of tcr_jax.data.detection (synthetic scenes or COCO 2017, tcr_jax.data.coco).
+Each base task's `dataset(split)` picks one (tcr_jax/bases/).
 """
 from __future__ import annotations
 
@@ -38,11 +40,10 @@ class SceneBatches:
             "labels": labels}
 
 
-def make_dataset(config, split: str):
-  """The dataset named by config.data.name for split "train" / "validation"."""
+def scene_dataset(config, split: str):
+  """The dataset named by config.data.name for split "train" / "validation"
+  (/ "test"), in the scene layout."""
   name = config.data.name
-  if config.task.get("base", "depth") == "detection":
-    return _detection_dataset(config, split)
   if name == "synthetic":
     from tcr_jax.data.synthetic import SyntheticScenes
     scenes = SyntheticScenes(split, config.data.height, config.data.width,
@@ -54,7 +55,8 @@ def make_dataset(config, split: str):
   raise UserError(f"unknown dataset {name!r}; expected 'synthetic' or 'cityscapes'")
 
 
-def _detection_dataset(config, split: str):
+def detection_dataset(config, split: str):
+  """config.data.name's dataset in the detection layout."""
   name = config.data.name
   if name == "synthetic":
     from tcr_jax.data.detection import SyntheticDetection

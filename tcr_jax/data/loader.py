@@ -1,7 +1,8 @@
 """Batches for the jitted steps: this process's share, as global arrays.
 
-`Loader(config, mesh)` opens the train and validation splits
-(`make_dataset`), and the split config.eval.split that final figures are
+`Loader(config, mesh, dataset)` opens the train and validation splits
+(`dataset(split)`: the base task's, tcr_jax/bases/; by default the scene
+layout's `scene_dataset`), and the split config.eval.split that final figures are
 reported on when it is another one ("test"), and hands out
 
   train_batch(stage, step)  global batch `step` of a stage (indices from
@@ -19,24 +20,27 @@ the shares are assembled into arrays sharded along the mesh's "data" axis.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from tcr_jax.data import augment, make_dataset, sampler
+from tcr_jax.data import augment, sampler, scene_dataset
 
 
 class Loader:
-  def __init__(self, config, mesh: Mesh | None = None):
+  def __init__(self, config, mesh: Mesh | None = None,
+               dataset: Callable[[str], object] | None = None):
     self.config = config
-    self.train_data = make_dataset(config, "train")  # data errors first
-    self.val_data = make_dataset(config, "validation")
+    if dataset is None:
+      dataset = lambda split: scene_dataset(config, split)
+    self.train_data = dataset("train")  # data errors first
+    self.val_data = dataset("validation")
     self.report_split = config.eval.get("split", "validation")
     self.data = {"train": self.train_data, "validation": self.val_data}
     if self.report_split not in self.data:
-      self.data[self.report_split] = make_dataset(config, self.report_split)
+      self.data[self.report_split] = dataset(self.report_split)
     self.report_data = self.data[self.report_split]
     self.sharding = None if mesh is None else NamedSharding(mesh, P("data"))
     self.reads = {split: 0 for split in self.data}

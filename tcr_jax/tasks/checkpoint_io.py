@@ -7,8 +7,10 @@ checkpoints out and back (`tcr-jax import-torchvision`).
 A checkpoint directory holds the {"params", "batch_stats"} pytree written
 through tcr_jax.checkpoints (the orbax manager layout the training stages
 use) and `tcr_jax_task.json` (arch, num_classes, aux_loss, source). The name
-mapping itself lives in torchvision_import, which re-exports these
-functions. Torch and orbax are imported lazily.
+mapping itself lives in torchvision_import. `load_into` puts a loaded
+checkpoint into a larger model's variables (the task networks inside the
+base and enhancement layers). Torch (optional) and orbax (slow to import;
+the heads do without it) are imported where they are used.
 """
 from __future__ import annotations
 
@@ -17,8 +19,12 @@ import os
 from typing import Any, Mapping
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 from tcr_jax.errors import UserError
+from tcr_jax.tasks import (deeplabv3, faster_rcnn, lraspp, mobilenetv3, resnet,
+                           torchvision_import as ti)
 
 CHECKPOINT_META = "tcr_jax_task.json"
 
@@ -86,7 +92,6 @@ def import_to_checkpoint(arch: str, state_dict_path: str,
   summary: arch, num_classes, aux_loss, num_params, output, reinitialised,
   dropped.
   """
-  from tcr_jax.tasks import torchvision_import as ti  # pylint: disable=g-import-not-at-top
   ti.arch_spec(arch)  # an unknown arch fails before any file is read
   output_dir = _require_empty(output_dir)
   state_dict = read_state_dict(state_dict_path)
@@ -103,10 +108,40 @@ def import_to_checkpoint(arch: str, state_dict_path: str,
 
 def load_checkpoint(output_dir: str) -> tuple[nn.Module, dict[str, Any]]:
   """(module, variables) from a directory written by import_to_checkpoint."""
-  from tcr_jax.tasks import torchvision_import as ti  # pylint: disable=g-import-not-at-top
   output_dir = os.path.abspath(output_dir)
   meta = read_meta(output_dir)
   module = ti.build_module(meta["arch"], meta["num_classes"], meta["aux_loss"])
   from tcr_jax import checkpoints  # pylint: disable=g-import-not-at-top
   return module, checkpoints.load_variables(output_dir,
                                             ti.abstract_variables(module))
+
+
+# The module class each architecture's checkpoint holds.
+_ARCH_CLASSES = {"mobilenet_v3_large": mobilenetv3.MobileNetV3Large,
+                 "resnet50": resnet.ResNet50,
+                 "lraspp_mobilenet_v3_large": lraspp.LRASPPMobileNetV3,
+                 "deeplabv3_resnet50": deeplabv3.DeepLabV3ResNet50,
+                 "fasterrcnn_resnet50_fpn_v2": faster_rcnn.FasterRCNN}
+
+
+def load_into(variables, where: tuple[str, ...], path: str, arch: str):
+  """Puts the variables of a `tcr-jax import-torchvision` checkpoint of
+  `arch` at `where` (e.g. ("head", "backbone")) in a model's variables;
+  returns the new tree (UserError if the checkpoint holds another
+  architecture or does not fit)."""
+  module, loaded = load_checkpoint(path)
+  if type(module) is not _ARCH_CLASSES[arch]:
+    raise UserError(f"{path}: holds a {type(module).__name__}, this slot takes "
+                    f"{arch} (tcr-jax import-torchvision --arch {arch})")
+  out = jax.tree.map(lambda a: a, variables)  # a copy of the containers
+  for col in ("params", "batch_stats"):
+    node = out[col]
+    for key in where[:-1]:
+      node = node[key]
+    want = jax.tree.map(jnp.shape, node[where[-1]])
+    got = jax.tree.map(jnp.shape, loaded[col])
+    if want != got:
+      raise UserError(f"{path}: its {arch} variables do not fit the model "
+                      "(different architecture or class count)")
+    node[where[-1]] = loaded[col]
+  return out

@@ -24,8 +24,7 @@ mis-shaped key is a UserError naming each of them.
 `backbone_to_segmentation_variables` puts an imported backbone into a
 freshly initialised segmentation model (the paper starts from ImageNet).
 Reading .pth files and writing / reading orbax checkpoints
-(`tcr-jax import-torchvision`) is in checkpoint_io; its functions are
-importable from here too.
+(`tcr-jax import-torchvision`) is in checkpoint_io.
 """
 from __future__ import annotations
 
@@ -43,9 +42,6 @@ from flax import traverse_util
 
 from tcr_jax.errors import UserError
 from tcr_jax.tasks import deeplabv3, faster_rcnn, lraspp, mobilenetv3, resnet
-# Checkpoint I/O lives in checkpoint_io; re-exported here for old imports.
-from tcr_jax.tasks.checkpoint_io import (import_to_checkpoint,  # noqa: F401
-                                        load_checkpoint, read_state_dict)
 
 Leaf = tuple[tuple[str, ...], str, str]  # (flax path, torch module, kind)
 

@@ -1,7 +1,5 @@
-"""What the detection experiment plugs into training and evaluation.
-
-config.task.base == "detection" (configs/detection_recon.py) makes
-tcr_jax.train.Experiment use, instead of the depth pieces:
+"""The detection base task: Faster R-CNN ResNet-50 FPN v2 on g_s's output
+(configs/detection_recon.py). `Task` is built from these pieces:
 
   base_loss_fn, enhancement_loss_fn   L_b and L_e on detection batches
                                       (tcr_jax/objectives.py: the detector's
@@ -12,6 +10,9 @@ tcr_jax.train.Experiment use, instead of the depth pieces:
   init_variables(base, enh, config)   the two layers' initial variables
                                       (config.init.detection_head: an
                                       `import-torchvision` checkpoint)
+  detection_input, detection_files    what `tcr-jax compress` codes (the
+                                      detector's resized input) and what
+                                      `decompress` writes (detections.json)
   DetectionEvaluator                  bpp, PSNR and COCO mAP (pycocotools,
                                       tcr_jax/coco_eval.py) on the
                                       validation split, real file sizes
@@ -20,14 +21,22 @@ Batches are in the layout of tcr_jax.data.detection.
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from PIL import Image
 
-from tcr_jax import coco_eval, evaluate, objectives
+from tcr_jax import coco_eval, data, evaluate, models_detection, objectives
+from tcr_jax.bases.base import BaseTask, png_bytes
+from tcr_jax.codec import bitstream, files
+from tcr_jax.data.detection import resized_size
 from tcr_jax.errors import UserError
+from tcr_jax.tasks.checkpoint_io import load_into
+from tcr_jax.tasks.faster_rcnn import trainable_mask
 
 PyTree = Any
 
@@ -74,8 +83,6 @@ def freeze_detector(tx, trainable_backbone_layers: int = 3):
   """`tx` on every base parameter but the detector backbone's layers that
   torchvision freezes (tasks.faster_rcnn.trainable_mask), which get zero
   updates."""
-  import optax
-  from tcr_jax.tasks.faster_rcnn import trainable_mask
 
   def labels(params):
     out = {k: jax.tree.map(lambda _: "train", v) for k, v in params.items()}
@@ -95,9 +102,8 @@ def init_variables(base, enhancement, config, kind: str, key) -> PyTree:
   if kind == "base":
     variables = jax.jit(base.init)(key, x)
     if config.init.detection_head:
-      from tcr_jax.train import _load_into
-      variables = _load_into(variables, ("head",), config.init.detection_head,
-                             "fasterrcnn_resnet50_fpn_v2")
+      variables = load_into(variables, ("head",), config.init.detection_head,
+                            "fasterrcnn_resnet50_fpn_v2")
     return variables
   y_b = jnp.zeros(base.latent_shape(64, 64))
   return jax.jit(enhancement.init)(key, x, y_b)
@@ -192,7 +198,6 @@ class DetectionEvaluator(evaluate.Evaluator):
     """Real files of the first eval.actual_bits_images report-split images,
     each coded alone at its resized size (not the canvas), in bits per
     resized pixel; the base stream counts the container header."""
-    from tcr_jax.codec import bitstream, files
     n = min(self.config.eval.actual_bits_images,
             self.config.data.eval_images, len(self.loader.report_data))
     if n <= 0 or jax.process_index() != 0:
@@ -230,3 +235,111 @@ def check_config(config) -> None:
   if config.task.enhancement != "reconstruction":
     raise UserError("the detection experiment's enhancement is "
                     "reconstruction (config.task.enhancement)")
+
+
+# --------------------------------------------------------------------------
+# tcr-jax compress / decompress.
+
+
+def detection_input(config, rgb: np.ndarray) -> np.ndarray:
+  """The image a detection workdir codes: resized as the detector's input
+  (torchvision's min_size / max_size rule of config.data, bilinear), in
+  8-bit RGB. Detections are reported in its pixels."""
+  h, w = resized_size(rgb.shape[0], rgb.shape[1], config.data.min_size,
+                      config.data.max_size)
+  if (h, w) == rgb.shape[:2]:
+    return rgb
+  return np.asarray(Image.fromarray(rgb).resize((w, h),
+                                                Image.Resampling.BILINEAR))
+
+
+def detection_files(out: dict) -> dict[str, bytes]:
+  """detections.json (boxes x1 y1 x2 y2 in the coded image's pixels, COCO
+  category ids, scores) and reconstruction.png (the enhancement's when
+  decoded, else the one read off the base), at the coded size."""
+  dets = {k: np.asarray(v)[0] for k, v in out["detections"].items()}
+  found = dets["scores"] > 0
+  listing = [{"box": [round(float(c), 2) for c in box], "label": int(label),
+              "score": round(float(score), 5)}
+             for box, label, score in zip(dets["boxes"][found],
+                                          dets["labels"][found],
+                                          dets["scores"][found])]
+  image = np.asarray(out.get("x_hat", out["x_rec"]))[0]
+  return {"detections.json": json.dumps(
+              {"height": out["height"], "width": out["width"],
+               "detections": listing}, indent=1).encode(),
+          "reconstruction.png": png_bytes(
+              (np.clip(image, 0, 1) * 255).round().astype(np.uint8))}
+
+
+# --------------------------------------------------------------------------
+# The task object.
+
+
+class Task(BaseTask):
+  """Object detection (module docstring)."""
+
+  metrics = ("map", "map50")
+  select_metrics = ("loss", "bpp_base", "map", "map50", "psnr_from_base")
+
+  def check_config(self) -> None:
+    check_config(self.config)
+
+  def dataset(self, split: str):
+    return data.detection_dataset(self.config, split)
+
+  def base_model(self):
+    return models_detection.detection_base_model(self.config)
+
+  def enhancement_options(self) -> dict[str, Any]:
+    # The enhancement codes what the detector reads: the full-resolution,
+    # normalised canvas (the authors').
+    return {"half_resolution": False, "normalize_input": True}
+
+  def base_loss_fn(self, model, variables, batch, rng, hp, frozen=None,
+                   train: bool = True):
+    return base_loss_fn(model, variables, batch, rng, hp, frozen, train)
+
+  def enhancement_loss_fn(self, model, base, variables, batch, rng, hp,
+                          frozen, train: bool = True):
+    return enhancement_loss_fn(model, base, self.config, variables, batch, rng,
+                               hp, frozen, train)
+
+  def base_optimizer(self, tx):
+    return freeze_detector(tx, self.config.task.trainable_backbone_layers)
+
+  def init_variables(self, base, enhancement, kind: str, key) -> PyTree:
+    return init_variables(base, enhancement, self.config, kind, key)
+
+  def evaluator(self, base, enhancement, loader, mesh):
+    return DetectionEvaluator(self.config, base, enhancement, loader, mesh)
+
+  def initial_weights_note(self) -> str | None:
+    if not self.config.init.detection_head:
+      return ("note: the detector starts from random weights; the authors "
+              "start from torchvision's COCO weights (config.init."
+              "detection_head; README: tcr-jax import-torchvision)")
+    return None
+
+  def coded_input(self, rgb: np.ndarray) -> np.ndarray:
+    return detection_input(self.config, rgb)
+
+  def decoded_files(self, out: dict) -> dict[str, bytes]:
+    return detection_files(out)
+
+  def bench_batch(self, batch: int, height: int, width: int):
+    rng = np.random.RandomState(0)
+    rng.rand(batch, height, width, 3)  # bench_detection's draws: the same boxes
+    xy = rng.uniform(0, 0.7, (batch, BENCH_BOXES, 2)) * [width, height]
+    wh = rng.uniform(0.05, 0.3, (batch, BENCH_BOXES, 2)) * [width, height]
+    boxes = np.concatenate([xy, np.minimum(xy + wh, [width, height])], -1)
+    labels = rng.randint(1, 91, (batch, BENCH_BOXES)).astype(np.int32)
+    x = jax.random.uniform(jax.random.key(0), (batch, height, width, 3))
+    sizes = jnp.tile(jnp.array([[height, width]], jnp.int32), (batch, 1))
+    return ({"image": x, "image_size": sizes,
+             "boxes": jnp.asarray(boxes, jnp.float32),
+             "labels": jnp.asarray(labels), "box_mask": jnp.ones(labels.shape, bool)},
+            x[:1, :64, :64])
+
+
+BENCH_BOXES = 8  # ground-truth boxes per image of the benchmark's batches
