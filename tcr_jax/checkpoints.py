@@ -16,16 +16,20 @@ unless config.train.*_select says otherwise), which is the stage's result: `load
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 from typing import Any
 
 from absl import logging
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 # orbax's own default ArrayHandler is built with this store; no public name.
 from orbax.checkpoint._src.metadata import array_metadata_store
+
+from tcr_jax.errors import UserError
 
 PyTree = Any
 DONE = "done.json"
@@ -119,6 +123,22 @@ def save_variables(directory: str, variables: PyTree, step: int = 0) -> None:
   with manager(directory, async_save=False) as mngr:
     mngr.save(step, args=ocp.args.Composite(
         variables=ocp.args.StandardSave(variables)), force=True)
+
+
+def workdir_config(workdir: str):
+  """The config a training workdir was trained with (its config.json)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise UserError(f"{workdir} is not a training workdir (no config.json); "
+                    "train with python -m tcr_jax.main first")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def finished_stages(workdir: str) -> list[str]:
+  """The names of a workdir's finished stages (those with done.json)."""
+  done = glob.glob(os.path.join(workdir, "stages", "*", DONE))
+  return sorted(os.path.basename(os.path.dirname(d)) for d in done)
 
 
 def read_done(stage_dir: str) -> dict | None:

@@ -71,8 +71,8 @@ def _probe(args: argparse.Namespace) -> None:
 
 
 def _ceiling(args: argparse.Namespace) -> None:
-  from tcr_jax import ceiling, compression
-  config = compression.workdir_config(args.workdir)
+  from tcr_jax import ceiling, checkpoints
+  config = checkpoints.workdir_config(args.workdir)
   if args.patience is not None:
     config.train.base_patience = args.patience
   import json

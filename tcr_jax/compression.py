@@ -22,8 +22,6 @@ Nothing is written unless the whole operation succeeds.
 """
 from __future__ import annotations
 
-import glob
-import json
 import os
 import re
 import sys
@@ -31,30 +29,15 @@ import tempfile
 
 import numpy as np
 
-from tcr_jax import bases
+from tcr_jax import bases, checkpoints
 from tcr_jax.errors import UserError
 
 MIN_SIDE = 32  # one latent cell of the base layer
 
 
-def workdir_config(workdir: str):
-  import ml_collections
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise UserError(f"{workdir} is not a training workdir (no config.json); "
-                    "train with python -m tcr_jax.main first")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def finished_stages(workdir: str) -> list[str]:
-  done = glob.glob(os.path.join(workdir, "stages", "*", "done.json"))
-  return sorted(os.path.basename(os.path.dirname(d)) for d in done)
-
-
 def _pick(workdir: str, checkpoint: str | None) -> tuple[str, str | None]:
   """(base stage, enhancement stage or None)."""
-  stages = finished_stages(workdir)
+  stages = checkpoints.finished_stages(workdir)
   usable = [s for s in stages if not s.startswith("enhancement_standalone")]
   if not usable:
     raise UserError(f"no finished models in {workdir}/stages")
@@ -82,7 +65,6 @@ def _pick(workdir: str, checkpoint: str | None) -> tuple[str, str | None]:
 def _restore(workdir: str, stage: str, model, *sample_args) -> dict:
   """The stage's result (its best checkpoint), shaped by an abstract init."""
   import jax
-  from tcr_jax import checkpoints
   abstract = jax.eval_shape(model.init, jax.random.key(0), *sample_args)
   abstract.setdefault("batch_stats", {})
   return checkpoints.load_variables(os.path.join(workdir, "stages", stage),
@@ -93,7 +75,7 @@ def load_models(workdir: str, checkpoint: str | None = None):
   """(config, (base model, variables), (enhancement model, variables) | None,
   (base stage, enhancement stage or None))."""
   import jax.numpy as jnp
-  config = workdir_config(workdir)
+  config = checkpoints.workdir_config(workdir)
   base_stage, enh_stage = _pick(workdir, checkpoint)
   task = bases.for_config(config)
   base = task.base_model()
@@ -183,7 +165,7 @@ def _estimated_bits(base, enh, rgb) -> dict[str, float]:
 def compress_file(workdir: str, input_path: str, output: str,
                   checkpoint: str | None = None) -> dict:
   from tcr_jax.codec import files
-  workdir_config(workdir), _pick(workdir, checkpoint)  # cheap checks first
+  checkpoints.workdir_config(workdir), _pick(workdir, checkpoint)  # cheap checks first
   rgb = read_image(input_path)
   config, base, enh, stages = load_models(workdir, checkpoint)
   rgb = bases.for_config(config).coded_input(rgb)  # e.g. the detector's size

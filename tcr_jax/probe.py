@@ -34,7 +34,7 @@ _STAGE = re.compile(r"base_(baseline|proposal)_alpha(.+)")
 
 def base_stages(workdir: str) -> list[str]:
   """Finished base models (not the demo's shared starts), by method, alpha."""
-  names = [n for n in compression.finished_stages(workdir) if _STAGE.fullmatch(n)]
+  names = [n for n in checkpoints.finished_stages(workdir) if _STAGE.fullmatch(n)]
   key = lambda n: (_STAGE.fullmatch(n).group(1), float(_STAGE.fullmatch(n).group(2)))
   return sorted(names, key=key)
 
@@ -93,7 +93,7 @@ def probe_workdir(workdir: str, *, families=v_information.FAMILIES,
                   stages=(), learning_rate: float | None = None, log=print) -> list[dict]:
   """Measures and writes the records of every base model; returns them all
   (the file's, updated)."""
-  config = compression.workdir_config(workdir)
+  config = checkpoints.workdir_config(workdir)
   bases.require_depth(config, f"the probes (docs/v_information.md) of {workdir}")
   bad = sorted(set(families) - set(v_information.FAMILIES))
   if bad:

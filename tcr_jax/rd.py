@@ -30,6 +30,16 @@ METHODS = ("cubic", "pchip")
 class BDRateUndefined(ValueError):
   """No BD-rate for these curves; the message says why, in a few words."""
 
+# The depth head's ceiling, written by `tcr-jax ceiling` (tcr_jax/ceiling.py).
+CEILING = "ceiling.json"
+
+
+def _read_json(path: str):
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
 
 def _points(rate, quality) -> tuple[np.ndarray, np.ndarray]:
   r = np.asarray(rate, np.float64)
@@ -222,8 +232,7 @@ def write_report(records: list[dict], workdir: str, experiment: str,
   The depth ceiling (WORKDIR/ceiling.json, `tcr-jax ceiling`) joins the
   trivial references where it has been measured; `sections` (markdown
   lines, e.g. poster.report_lines) follow the BD-rate table."""
-  from tcr_jax import ceiling
-  ceiling_record = ceiling.load(workdir)
+  ceiling_record = _read_json(os.path.join(workdir, CEILING))
   split = next((r["split"] for r in records if r.get("split")), None)
   if ceiling_record and split and ceiling_record.get("split", split) != split:
     ceiling_record = None  # measured on other images than the models

@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tcr_jax import bases, compression
+from tcr_jax import bases, checkpoints, compression
 
 SAVING_THRESHOLD = 0.05   # a channel saving less than this is "stuck"
 ACTIVE_BITS = 0.02        # bits per element (without side) to count a channel
@@ -59,7 +59,7 @@ SATURATION = -3.0         # ELU pre-activation below this: output ~ -1
 def conditional_stages(workdir: str) -> list[str]:
   """enhancement_{baseline,proposal}_alpha* stages with a done.json, sorted."""
   stages = []
-  for name in compression.finished_stages(workdir):
+  for name in checkpoints.finished_stages(workdir):
     m = re.fullmatch(r"enhancement_(baseline|proposal)_alpha(.+)", name)
     if m:
       stages.append((m.group(1), float(m.group(2)), name))

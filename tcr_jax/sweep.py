@@ -231,13 +231,12 @@ def adopt_bases(c, workdir: str, source: str) -> list[str]:
   this workdir does not have yet, so that depth_seg reuses depth_recon's
   bases instead of training them again. Returns the stages copied."""
   import shutil
-  from tcr_jax import compression
   from tcr_jax.errors import UserError
   if os.path.abspath(source) == os.path.abspath(workdir):
     raise UserError("config.sweep.bases_from is this workdir")
   bases.require_depth(c, "config.sweep.bases_from")
   mine = json.loads(c.to_json())
-  other = json.loads(compression.workdir_config(source).to_json())
+  other = json.loads(checkpoints.workdir_config(source).to_json())
   for tree in (mine, other):  # workdirs from before eval.split: validation
     tree.setdefault("eval", {}).setdefault("split", "validation")
   differ = [f for f in BASE_FIELDS if _field(mine, f) != _field(other, f)]
@@ -249,7 +248,7 @@ def adopt_bases(c, workdir: str, source: str) -> list[str]:
     raise UserError(f"config.sweep.bases_from={source!r} trained other base "
                     f"models: its {path} is {_field(other, path)!r}, "
                     f"here {_field(mine, path)!r}")
-  names = [n for n in compression.finished_stages(source) if n.startswith("base_")
+  names = [n for n in checkpoints.finished_stages(source) if n.startswith("base_")
            and not os.path.exists(os.path.join(workdir, "stages", n))]
   if jax.process_index() == 0:
     for name in names:

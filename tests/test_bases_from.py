@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tcr_jax import checkpoints, compression, sweep
+from tcr_jax import checkpoints, sweep
 from tcr_jax.errors import UserError
 
 
@@ -31,7 +31,7 @@ def test_finished_base_stages_are_copied_and_nothing_else(tmp_path, configs):
   _fake_sweep(tmp_path / "seg", seg, stages=("base_proposal_alpha0.05",))
   copied = sweep.adopt_bases(seg, str(tmp_path / "seg"), str(tmp_path / "recon"))
   assert copied == ["base_baseline_alpha0.05"]
-  assert compression.finished_stages(str(tmp_path / "seg")) == [
+  assert checkpoints.finished_stages(str(tmp_path / "seg")) == [
       "base_baseline_alpha0.05", "base_proposal_alpha0.05"]
   weights = tmp_path / "seg" / "stages" / "base_baseline_alpha0.05" / "checkpoints" / "weights"
   assert weights.read_text() == "base_baseline_alpha0.05"

@@ -28,8 +28,8 @@ def test_the_ceiling_learns_and_is_written_where_the_report_finds_it(tmp_path, c
   assert record["best_step"] in (20, 40, 60)
   assert np.isfinite(record["depth_rmse"]) and record["depth_rmse"] > 0
   # Trained, the head beats its start (which predicts about 0 px).
-  from tcr_jax import compression, data
-  c = compression.workdir_config(workdir)
+  from tcr_jax import data
+  c = checkpoints.workdir_config(workdir)
   val = data.scene_dataset(c, "validation").batch(range(8))
   zero_rmse = float(np.sqrt(np.mean(val["disparity"][val["valid"]] ** 2)))
   assert record["depth_rmse"] < 0.8 * zero_rmse

@@ -81,16 +81,16 @@ def test_the_cli_caches_compiled_programs(tmp_path, monkeypatch):
   """tcr_jax.main keeps JAX's persistent compilation cache under
   $XDG_CACHE_HOME/tcr_jax/jax unless JAX_COMPILATION_CACHE_DIR says where."""
   import jax
-  from tcr_jax import main
+  from tcr_jax import supervisor
   before = jax.config.jax_compilation_cache_dir
   try:
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    main._use_compilation_cache(jax)
+    supervisor.use_compilation_cache(jax)
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "tcr_jax" / "jax")
     jax.config.update("jax_compilation_cache_dir", before)
     monkeypatch.setenv("TCR_JAX_COMPILATION_CACHE", "0")
-    main._use_compilation_cache(jax)
+    supervisor.use_compilation_cache(jax)
     assert jax.config.jax_compilation_cache_dir == before
   finally:
     jax.config.update("jax_compilation_cache_dir", before)
