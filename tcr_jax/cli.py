@@ -9,12 +9,11 @@ import argparse
 import os
 import sys
 
-
 from tcr_jax.errors import UserError
 
 
 def _preview_data(args: argparse.Namespace) -> None:
-  from tcr_jax.data import preview
+  from tcr_jax.data import preview  # lazy: see the docstring
   preview.write_contact_sheet(args.output, split=args.split, num=args.num,
                               height=args.height, width=args.width,
                               seed=args.seed)
@@ -22,7 +21,7 @@ def _preview_data(args: argparse.Namespace) -> None:
 
 
 def _import_torchvision(args: argparse.Namespace) -> None:
-  from tcr_jax.tasks import checkpoint_io
+  from tcr_jax.tasks import checkpoint_io  # lazy: see the docstring
   summary = checkpoint_io.import_to_checkpoint(
       args.arch, args.state_dict, args.output)
   import json
@@ -30,14 +29,14 @@ def _import_torchvision(args: argparse.Namespace) -> None:
 
 
 def _compress(args: argparse.Namespace) -> None:
-  from tcr_jax import compression
+  from tcr_jax.tools import compression  # lazy: see the docstring
   import json
   print(json.dumps(compression.compress_file(
       args.workdir, args.input, args.output, args.checkpoint)))
 
 
 def _decompress(args: argparse.Namespace) -> None:
-  from tcr_jax import compression
+  from tcr_jax.tools import compression  # lazy: see the docstring
   import json
   print(json.dumps(compression.decompress_file(
       args.workdir, args.input, args.output_dir, args.layers, args.checkpoint)))
@@ -45,12 +44,12 @@ def _decompress(args: argparse.Namespace) -> None:
 
 def _prepare_data(args: argparse.Namespace) -> None:
   import json
-  from tcr_jax.data.prepare import prepare_data
+  from tcr_jax.data.prepare import prepare_data  # lazy: see the docstring
   print(json.dumps(prepare_data(args.dataset, args.manual_dir, args.data_dir)))
 
 
 def _compare_seeds(args: argparse.Namespace) -> None:
-  from tcr_jax import seeds
+  from tcr_jax.reporting import seeds  # lazy: see the docstring
   text = seeds.report(args.workdirs)
   if args.output:
     with open(args.output, "w") as f:
@@ -59,7 +58,7 @@ def _compare_seeds(args: argparse.Namespace) -> None:
 
 
 def _probe(args: argparse.Namespace) -> None:
-  from tcr_jax import probe
+  from tcr_jax.tools import probe  # lazy: see the docstring
   split = lambda s: tuple(x for x in s.split(",") if x)
   probe.probe_workdir(args.workdir, families=split(args.families),
                       targets=split(args.targets), steps=args.steps,
@@ -71,7 +70,8 @@ def _probe(args: argparse.Namespace) -> None:
 
 
 def _ceiling(args: argparse.Namespace) -> None:
-  from tcr_jax import ceiling, checkpoints
+  from tcr_jax import checkpoints  # lazy: see the docstring
+  from tcr_jax.tools import ceiling  # lazy: see the docstring
   config = checkpoints.workdir_config(args.workdir)
   if args.patience is not None:
     config.train.base_patience = args.patience
@@ -80,7 +80,8 @@ def _ceiling(args: argparse.Namespace) -> None:
                                          args.eval_every)))
   results = os.path.join(args.workdir, "results.json")
   if os.path.exists(results):  # a finished sweep: its report gets the ceiling
-    from tcr_jax import checkpoints, poster, rd
+    from tcr_jax import checkpoints  # lazy: see the docstring
+    from tcr_jax.reporting import poster, rd  # lazy: see the docstring
     records = checkpoints.read_json(results)
     rd.write_report(records, args.workdir, config.experiment,
                     config.task.enhancement_rate_pixels, poster.report_lines(records))
@@ -89,7 +90,7 @@ def _ceiling(args: argparse.Namespace) -> None:
 
 
 def _side_information(args: argparse.Namespace) -> None:
-  from tcr_jax import side_information
+  from tcr_jax.tools import side_information  # lazy: see the docstring
   side_information.report(args)
 
 

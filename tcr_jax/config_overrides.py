@@ -21,6 +21,7 @@ from ml_collections.config_flags import config_flags as ml_config_flags
 from ml_collections.config_flags import config_path
 
 from tcr_jax.errors import UserError
+from tcr_jax import configs_lib
 
 
 def override_keys(argv: Sequence[str], name: str = "config") -> list[str]:
@@ -112,7 +113,6 @@ def check_argv(argv: Sequence[str], name: str = "config") -> None:
       raise UserError(f"config file {path!r} not found")
   if not keys or spec is None:
     return
-  from tcr_jax import configs_lib
   try:
     config = configs_lib.load_config(spec)
   except Exception:  # pylint: disable=broad-except

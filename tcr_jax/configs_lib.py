@@ -22,6 +22,7 @@ Every hyper-parameter of the paper's model (docs/design.md) is a field here.
 from __future__ import annotations
 
 import ml_collections
+from tcr_jax.errors import UserError
 
 VARIANTS = ("", "authors", "synthetic", "reproduction", "smoke")
 
@@ -277,7 +278,6 @@ _SELECT = {"reconstruction": ("loss", "bpp_enhancement", "psnr"),
 
 def validate(c: ml_collections.ConfigDict) -> None:
   """One-line UserErrors for values the code would only trip over later."""
-  from tcr_jax.errors import UserError
   # Here, not at the top: config files import this module, and the task
   # objects import jax and the models.
   from tcr_jax import bases
@@ -333,7 +333,6 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   """Loads 'path/to/config.py[:arg]' the way --config does."""
   import importlib.util
   import os
-  from tcr_jax.errors import UserError
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
     raise UserError(f"config file {path!r} not found")

@@ -1,6 +1,6 @@
 """Entry point: python -m tcr_jax.main --config=configs/depth_seg.py[:variant].
 
-Runs the experiment's sweep (tcr_jax/sweep.py) into --workdir. Several
+Runs the experiment's sweep (tcr_jax/training/sweep.py) into --workdir. Several
 processes (flags below, or JAX_* variables, SLURM, Cloud TPU) each run the
 same command; tcr_jax/supervisor.py starts and watches their training.
 """
@@ -46,7 +46,7 @@ def main(argv):
   if args is not None and not supervisor.is_child():
     sys.exit(supervisor.supervise(args, workdir))
   jax = supervisor.start_jax(args, _HEARTBEAT.value)
-  from tcr_jax import sweep  # here: the supervising parent does not train
+  from tcr_jax.training import sweep  # here: the supervising parent does not train
   try:
     sweep.train_and_evaluate(config, workdir)
   except UserError as e:

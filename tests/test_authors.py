@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tcr_jax import configs_lib, train
+from tcr_jax import configs_lib
+from tcr_jax.training import train
 from tcr_jax.tasks import checkpoint_io
 from tcr_jax.codec import entropy
 from tcr_jax.errors import UserError

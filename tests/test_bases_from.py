@@ -1,11 +1,12 @@
 """config.sweep.bases_from: a depth_seg sweep reuses a depth_recon sweep's
-base models instead of training them again (tcr_jax/sweep.py)."""
+base models instead of training them again (tcr_jax/training/sweep.py)."""
 import json
 import os
 
 import pytest
 
-from tcr_jax import checkpoints, sweep
+from tcr_jax import checkpoints
+from tcr_jax.training import sweep
 from tcr_jax.errors import UserError
 
 

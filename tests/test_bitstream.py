@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tcr_jax import bench_codec, models
+from tcr_jax.bench import codec as bench_codec
+from tcr_jax.model import models
 from tcr_jax.codec import bitstream, files
 from tcr_jax.codec.bitstream import BitstreamError
 from tcr_jax.errors import UserError

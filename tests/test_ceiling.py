@@ -1,4 +1,4 @@
-"""`tcr-jax ceiling` (tcr_jax/ceiling.py): the depth head on uncompressed
+"""`tcr-jax ceiling` (tcr_jax/tools/ceiling.py): the depth head on uncompressed
 images, and the report that sets it next to the base models."""
 import json
 import os
@@ -6,7 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from tcr_jax import ceiling, checkpoints, cli, rd
+from tcr_jax import checkpoints, cli
+from tcr_jax.reporting import rd
+from tcr_jax.tools import ceiling
 
 
 def _workdir(tmp_path, configs, **overrides):

@@ -111,7 +111,8 @@ def test_prepare_data_cityscapes(tmp_path):
 @pytest.mark.slow
 def test_smoke_training_on_fake_cityscapes(tmp_path, configs):
   """The paper config's data path end to end: zips -> prepare-data -> train."""
-  from tcr_jax import cli, sweep
+  from tcr_jax import cli
+  from tcr_jax.training import sweep
   write_zips(str(tmp_path / "manual"))
   assert cli.main(["prepare-data", "--dataset", "cityscapes", "--manual-dir",
                    str(tmp_path / "manual"), "--data-dir",

@@ -1,11 +1,11 @@
-"""COCO mAP (tcr_jax.coco_eval): hand-made cases against pycocotools."""
+"""COCO mAP (tcr_jax.model.coco_eval): hand-made cases against pycocotools."""
 import contextlib
 import io
 
 import numpy as np
 import pytest
 
-from tcr_jax import coco_eval
+from tcr_jax.model import coco_eval
 from tcr_jax.data import detection
 
 

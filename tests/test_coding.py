@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import scipy.special
 
-from tcr_jax import bench_codec, models
+from tcr_jax.bench import codec as bench_codec
+from tcr_jax.model import models
 from tcr_jax.codec import (bitstream, entropy, entropy_models, files,
                            latent_coding, ops, symbols, tables)
 from tcr_jax.codec.bitstream import BitstreamError

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tcr_jax import checkpoints, cli, compression, train
+from tcr_jax import checkpoints, cli
+from tcr_jax.tools import compression
+from tcr_jax.training import train
 from tcr_jax.data.synthetic import SyntheticScenes
 
 

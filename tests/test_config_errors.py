@@ -69,7 +69,7 @@ def test_overrides_apply_as_config_flags_applies_them():
 
 
 def test_stage_needs_steps_and_hp():
-  from tcr_jax import train
+  from tcr_jax.training import train
   with pytest.raises(TypeError):
     train.Stage("base_0.05", "base")  # pylint: disable=no-value-for-parameter
   with pytest.raises(TypeError):

@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tcr_jax import bases, checkpoints, configs_lib, rd, references, sweep, train
+from tcr_jax import bases, checkpoints, configs_lib
+from tcr_jax.reporting import rd, references
+from tcr_jax.training import sweep, train
 from tcr_jax.data import labels as label_ids
 from tcr_jax.errors import UserError
 
@@ -68,7 +70,7 @@ def test_the_object_reference_counts_only_the_pixels_of_objects():
 
 
 def test_object_rmse_pools_the_object_pixels_of_real_images_only():
-  from tcr_jax import evaluate
+  from tcr_jax.model import evaluate
   m = evaluate.ObjectRMSE.from_model_output(
       object_sq=jnp.array([8.0, 100.0, 0.0]), object_count=jnp.array([2.0, 1.0, 0.0]),
       mask=jnp.array([1.0, 0.0, 1.0]))  # the second image is padding

@@ -132,7 +132,7 @@ def test_prepare_data_builds_coco_from_the_three_archives(coco_dir, configs):
 
 def test_loader_batches_stay_on_one_canvas(coco_dir, configs):
   import jax
-  from tcr_jax import sharding
+  from tcr_jax.training import sharding
   from tcr_jax.data.loader import Loader
   data_dir, _, _ = coco_dir
   from tcr_jax import bases

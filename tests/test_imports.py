@@ -4,12 +4,12 @@ import sys
 
 import pytest
 
-COMPUTE_MODULES = ["tcr_jax.codec", "tcr_jax.codec.files", "tcr_jax.models",
-                   "tcr_jax.objectives", "tcr_jax.tasks", "tcr_jax.train",
-                   "tcr_jax.evaluate", "tcr_jax.checkpoints", "tcr_jax.sweep",
+COMPUTE_MODULES = ["tcr_jax.codec", "tcr_jax.codec.files", "tcr_jax.model.models",
+                   "tcr_jax.model.objectives", "tcr_jax.tasks", "tcr_jax.training.train",
+                   "tcr_jax.model.evaluate", "tcr_jax.checkpoints", "tcr_jax.training.sweep",
                    "tcr_jax.bench", "tcr_jax.data", "tcr_jax.data.loader",
                    "tcr_jax.data.synthetic", "tcr_jax.cli", "tcr_jax.bases", "tcr_jax.bases.depth",
-                   "tcr_jax.bases.detection", "tcr_jax.compression"]
+                   "tcr_jax.bases.detection", "tcr_jax.tools.compression"]
 
 
 @pytest.mark.parametrize("module", COMPUTE_MODULES)

@@ -1,5 +1,5 @@
 """The paper's mechanism: what the reconstruction reward and the side
-information may and may not reach (tcr_jax/objectives.py, models.py)."""
+information may and may not reach (tcr_jax/model/objectives.py, models.py)."""
 import functools
 
 import jax
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tcr_jax import models, objectives
+from tcr_jax.model import models, objectives
 from tcr_jax.bases import depth
 
 KW = dict(latent_channels=8, widths=(4, 6, 8), analysis_blocks=1,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tcr_jax import poster, rd
+from tcr_jax.reporting import poster, rd
 from test_seeds import ALPHAS, _records
 
 

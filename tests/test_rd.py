@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from tcr_jax import rd
+from tcr_jax.reporting import rd
 
 RATES = [0.1, 0.2, 0.4, 0.8, 1.6]
 PSNR = [28.0, 30.5, 33.0, 35.0, 36.5]

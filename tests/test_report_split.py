@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from tcr_jax import checkpoints, configs_lib, train
+from tcr_jax import checkpoints, configs_lib
+from tcr_jax.training import train
 from tcr_jax.data.loader import Loader
 from tcr_jax.data.synthetic import SyntheticScenes
 from tcr_jax.errors import UserError

@@ -6,7 +6,8 @@ import copy
 import json
 import os
 
-from tcr_jax import cli, poster, seeds
+from tcr_jax import cli
+from tcr_jax.reporting import poster, seeds
 
 ALPHAS = (0.02, 0.08, 0.32, 1.28)
 

@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from tcr_jax import cli, configs_lib, sweep
+from tcr_jax import cli, configs_lib
+from tcr_jax.training import sweep
 from tcr_jax.errors import UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))

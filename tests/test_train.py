@@ -7,7 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from tcr_jax import checkpoints, compression, sweep, train
+from tcr_jax import checkpoints
+from tcr_jax.tools import compression
+from tcr_jax.training import sweep, train
 from tcr_jax.codec import files
 from tcr_jax.errors import UserError
 
@@ -221,7 +223,7 @@ def test_paper_config_without_data_says_what_to_run(tmp_path, configs):
 
 @pytest.mark.slow
 def test_probe_writes_a_record_per_base_target_and_family(smoke_run, capsys):
-  """`tcr-jax probe` on the trained :smoke workdir (tcr_jax/probe.py)."""
+  """`tcr-jax probe` on the trained :smoke workdir (tcr_jax/tools/probe.py)."""
   from tcr_jax import cli
   workdir, records, _ = smoke_run
   argv = ["probe", workdir, "--steps", "4", "--train-images", "8",

@@ -1,4 +1,4 @@
-"""The V-information estimator (tcr_jax/v_information.py) on cases whose
+"""The V-information estimator (tcr_jax/tools/v_information.py) on cases whose
 answer is known, and the probe CLI's refusals."""
 import json
 import math
@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from tcr_jax import cli, v_information as vi
+from tcr_jax import cli
+from tcr_jax.tools import v_information as vi
 
 
 def _gaussian(values, step=1.0 / 255.0, name="image"):
@@ -124,7 +125,7 @@ def test_probe_refuses_a_detection_workdir(tmp_path, capsys, configs):
 
 
 def test_report_table_and_plots(tmp_path):
-  from tcr_jax import probe
+  from tcr_jax.tools import probe
   records = [{"stage": f"base_{m}_alpha{a:g}", "method": m, "alpha": a,
               "bpp_base": b, "depth_rmse": d, "psnr_from_base": p,
               "family": "linear", "target": "image", "bits": i,

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from clu import metrics
 
-from tcr_jax import data, evaluate, models, objectives
+from tcr_jax import data
+from tcr_jax.model import evaluate, models, objectives
 from tcr_jax.bases.base import BaseTask, png_bytes
 from tcr_jax.codec import entropy
 from tcr_jax.data import labels as label_ids

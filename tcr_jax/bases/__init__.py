@@ -13,6 +13,7 @@ import importlib
 
 from tcr_jax.bases.base import BaseTask
 from tcr_jax.errors import UserError
+from tcr_jax.bases import depth
 
 # Built-in names -> their modules, imported when a config asks for them
 # (each pulls in its models and heads).
@@ -20,32 +21,34 @@ BUILT_IN = {"depth": "tcr_jax.bases.depth",
             "detection": "tcr_jax.bases.detection"}
 
 
+def name(config) -> str:
+  """config.task.base (default "depth": workdirs from before the field)."""
+  return config.task.get("base", "depth")
+
+
 def for_config(config) -> BaseTask:
-  """The task object of config.task.base (default "depth")."""
-  name = config.task.get("base", "depth")
-  module_name = BUILT_IN.get(name, name)
+  """The task object of config.task.base."""
+  base = name(config)
+  module_name = BUILT_IN.get(base, base)
   try:
     module = importlib.import_module(module_name)
   except ModuleNotFoundError as e:
     # The module itself (or its package) is missing, not one it imports.
-    if name in BUILT_IN or not (e.name == module_name
+    if base in BUILT_IN or not (e.name == module_name
                                 or module_name.startswith(f"{e.name}.")):
       raise
-    raise UserError(f"config.task.base={name!r}; expected one of "
+    raise UserError(f"config.task.base={base!r}; expected one of "
                     f"{', '.join(map(repr, BUILT_IN))} or an importable module "
                     "that defines Task") from None
   task = getattr(module, "Task", None)
   if not (isinstance(task, type) and issubclass(task, BaseTask)):
-    raise UserError(f"config.task.base={name!r}: module {module_name} has no "
+    raise UserError(f"config.task.base={base!r}: module {module_name} has no "
                     "Task class (a subclass of tcr_jax.bases.BaseTask)")
   return task(config)
 
 
-def require_depth(config, what: str) -> None:
-  """A one-line UserError unless the config's base task is the depth one
-  (or one built on it): `what` needs the depth head."""
-  from tcr_jax.bases import depth
-  task = for_config(config)
-  if not isinstance(task, depth.Task):
-    raise UserError(f"{what} needs a depth base layer; this config's base "
-                    f"task is {config.task.base}")
+def is_depth(config) -> bool:
+  """Whether the config's base task is the depth one (or built on it): what
+  the tools that need the depth head (the ceiling, the probes, bases_from)
+  ask."""
+  return isinstance(for_config(config), depth.Task)

@@ -13,10 +13,10 @@ the benchmark) call these methods and never ask which task it is:
   enhancement_model()       the enhancement layer (models.Enhancement with
                             the task's enhancement_options())
   base_loss_fn, enhancement_loss_fn
-                            L_b and L_e on its batches (tcr_jax/objectives.py)
+                            L_b and L_e on its batches (tcr_jax/model/objectives.py)
   base_optimizer(tx)        tx wrapped for the base layer (frozen parts)
   init_variables(...)       a stage kind's initial variables
-  evaluator(...)            its evaluation (tcr_jax/evaluate.py's Evaluator
+  evaluator(...)            its evaluation (tcr_jax/model/evaluate.py's Evaluator
                             or a subclass)
   initial_weights_note()    which task networks start from random weights
   trivial_references(...)   the trivial references of results.json
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from tcr_jax import models
+from tcr_jax.model import models
 
 PyTree = Any
 

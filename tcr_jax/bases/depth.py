@@ -14,7 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from tcr_jax import data, evaluate, models, objectives, references
+from tcr_jax import data
+from tcr_jax.model import evaluate, models, objectives
+from tcr_jax.reporting import references
 from tcr_jax.bases.base import BaseTask, png_bytes
 from tcr_jax.errors import UserError
 from tcr_jax.tasks.checkpoint_io import load_into
@@ -55,7 +57,7 @@ class Task(BaseTask):
 
   def base_loss_fn(self, model, variables, batch, rng, hp, frozen=None,
                    train: bool = True):
-    """L_b on a batch (tcr_jax/objectives.py)."""
+    """L_b on a batch (tcr_jax/model/objectives.py)."""
     del frozen
     out, state = model.apply(
         variables, batch["image"], train=train,
@@ -128,7 +130,7 @@ class Task(BaseTask):
             "tcr-jax import-torchvision)")
 
   def trivial_references(self, loader, eval_images: int) -> dict:
-    """The values of REFERENCE_NAMES (tcr_jax/references.py)."""
+    """The values of REFERENCE_NAMES (tcr_jax/reporting/references.py)."""
     return references.trivial_references(
         loader.train_data, loader.report_data,
         self.config.eval.reference_train_images, eval_images)

@@ -2,7 +2,7 @@
 (configs/detection_recon.py). `Task` is built from these pieces:
 
   base_loss_fn, enhancement_loss_fn   L_b and L_e on detection batches
-                                      (tcr_jax/objectives.py: the detector's
+                                      (tcr_jax/model/objectives.py: the detector's
                                       four losses as D_b, per-image rates,
                                       the authors' normalised-space RMSE)
   freeze_detector(tx, n)              torchvision's frozen backbone layers
@@ -14,7 +14,7 @@
                                       detector's resized input) and what
                                       `decompress` writes (detections.json)
   DetectionEvaluator                  bpp, PSNR and COCO mAP (pycocotools,
-                                      tcr_jax/coco_eval.py) on the
+                                      tcr_jax/model/coco_eval.py) on the
                                       validation split, real file sizes
 
 Batches are in the layout of tcr_jax.data.detection.
@@ -30,7 +30,8 @@ import numpy as np
 import optax
 from PIL import Image
 
-from tcr_jax import coco_eval, data, evaluate, models_detection, objectives
+from tcr_jax import data
+from tcr_jax.model import coco_eval, evaluate, models_detection, objectives
 from tcr_jax.bases.base import BaseTask, png_bytes
 from tcr_jax.codec import bitstream, files
 from tcr_jax.data.detection import resized_size

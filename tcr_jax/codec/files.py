@@ -1,6 +1,6 @@
 """Image files: a model's latents, range-coded, in the .tcr container.
 
-Every model of tcr_jax.models offers analysis / outputs / entropy_model /
+Every model of tcr_jax.model.models offers analysis / outputs / entropy_model /
 entropy_variables / latent_shape; the functions here call those, so a file
 is coded exactly as the model computes.
 

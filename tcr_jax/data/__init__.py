@@ -18,6 +18,10 @@ from __future__ import annotations
 import numpy as np
 
 from tcr_jax.errors import UserError
+from tcr_jax.data.detection import SyntheticDetection
+from tcr_jax.data.synthetic import SyntheticScenes
+from tcr_jax.data.coco import CocoDetection
+from tcr_jax.data.pipeline import TfdsBatches
 
 
 class SceneBatches:
@@ -45,12 +49,10 @@ def scene_dataset(config, split: str):
   (/ "test"), in the scene layout."""
   name = config.data.name
   if name == "synthetic":
-    from tcr_jax.data.synthetic import SyntheticScenes
     scenes = SyntheticScenes(split, config.data.height, config.data.width,
                              config.seed)
     return SceneBatches(scenes, config.task.ignore_index)
   if name == "cityscapes":
-    from tcr_jax.data.pipeline import TfdsBatches  # imports TensorFlow
     return TfdsBatches(config, split)
   raise UserError(f"unknown dataset {name!r}; expected 'synthetic' or 'cityscapes'")
 
@@ -59,13 +61,10 @@ def detection_dataset(config, split: str):
   """config.data.name's dataset in the detection layout."""
   name = config.data.name
   if name == "synthetic":
-    from tcr_jax.data.detection import SyntheticDetection
-    from tcr_jax.data.synthetic import SyntheticScenes
     scenes = SyntheticScenes(split, config.data.height, config.data.width,
                              config.seed)
     return SyntheticDetection(scenes, config.data.max_boxes)
   if name == "coco":
-    from tcr_jax.data.coco import CocoDetection  # imports TensorFlow lazily
     return CocoDetection(config, split)
   raise UserError(f"unknown detection dataset {name!r}; expected 'synthetic' "
                   "or 'coco'")

@@ -16,6 +16,7 @@ width, with its boxes; the authors' detection training flips only.
 from __future__ import annotations
 
 import numpy as np
+from tcr_jax.data import detection
 
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
@@ -76,7 +77,6 @@ def augment_batch(batch: dict, rng: np.random.Generator, hflip: bool = True,
 def _augment_detection(batch: dict, flips: np.ndarray, factors) -> dict:
   """Jitter within each image's own size, then flips with the boxes
   (tcr_jax.data.detection.flip_batch)."""
-  from tcr_jax.data import detection
   out = dict(batch)
   if factors is not None:
     images = batch["image"].copy()

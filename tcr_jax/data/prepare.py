@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 
 from tcr_jax.errors import UserError
+from tcr_jax.data import cityscapes, coco
+from tcr_jax.data.pipeline import hidden_gpu_tf
 
 DATASETS = ("cityscapes", "coco")
 COCO_URL = "https://cocodataset.org/#download"
@@ -26,7 +28,6 @@ def prepare_data(dataset: str, manual_dir: str | None, data_dir: str) -> dict:
                     f"{', '.join(DATASETS)}")
   if not data_dir:
     raise UserError("prepare-data needs --data-dir (where the tfds files go)")
-  from tcr_jax.data.pipeline import hidden_gpu_tf
   hidden_gpu_tf()
   os.makedirs(data_dir, exist_ok=True)
   if dataset == "cityscapes":
@@ -35,7 +36,6 @@ def prepare_data(dataset: str, manual_dir: str | None, data_dir: str) -> dict:
     builder = _coco_builder(manual_dir, data_dir)
   _build(builder, dataset, manual_dir)
   if dataset == "coco":
-    from tcr_jax.data import coco
     for split in coco.FOLDERS:
       coco.write_index(builder, split)
   return {"dataset": dataset, "data_dir": os.fspath(builder.data_dir),
@@ -44,13 +44,11 @@ def prepare_data(dataset: str, manual_dir: str | None, data_dir: str) -> dict:
 
 
 def _cityscapes_builder(manual_dir, data_dir):
-  from tcr_jax.data import cityscapes
   cityscapes.check_manual_dir(manual_dir)  # clear message before tfds starts
   return cityscapes.make_builder(data_dir)
 
 
 def _coco_builder(manual_dir, data_dir):
-  from tcr_jax.data import coco
   coco.check_manual_dir(manual_dir)  # one line naming what is missing
   return coco.make_builder(data_dir)
 

@@ -66,7 +66,7 @@ def write_checkpoint(output_dir: str, variables: Mapping[str, Any],
                      meta: Mapping[str, Any]) -> None:
   """Writes variables (orbax) and meta (json) into output_dir, which must
   not exist or be an empty directory."""
-  from tcr_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from tcr_jax import checkpoints  # lazy: orbax, see the docstring
   output_dir = _require_empty(output_dir)
   os.makedirs(output_dir, exist_ok=True)
   checkpoints.save_variables(output_dir, dict(variables))
@@ -111,7 +111,7 @@ def load_checkpoint(output_dir: str) -> tuple[nn.Module, dict[str, Any]]:
   output_dir = os.path.abspath(output_dir)
   meta = read_meta(output_dir)
   module = ti.build_module(meta["arch"], meta["num_classes"], meta["aux_loss"])
-  from tcr_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from tcr_jax import checkpoints  # lazy: orbax, see the docstring
   return module, checkpoints.load_variables(output_dir,
                                             ti.abstract_variables(module))
 

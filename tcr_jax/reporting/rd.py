@@ -30,7 +30,7 @@ METHODS = ("cubic", "pchip")
 class BDRateUndefined(ValueError):
   """No BD-rate for these curves; the message says why, in a few words."""
 
-# The depth head's ceiling, written by `tcr-jax ceiling` (tcr_jax/ceiling.py).
+# The depth head's ceiling, written by `tcr-jax ceiling` (tcr_jax/tools/ceiling.py).
 CEILING = "ceiling.json"
 
 

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tcr_jax import bases, checkpoints, rd
+from tcr_jax import bases, checkpoints
+from tcr_jax.reporting import rd
 from tcr_jax.codec import layers, ops
 from tcr_jax.data import labels as label_ids
 from tcr_jax.data.loader import Loader
@@ -63,7 +64,9 @@ def _squared_errors(pred, batch) -> dict[str, float]:
 def train_ceiling(config, workdir: str, steps: int, eval_every: int = 250,
                   log=print) -> dict:
   """Trains the ceiling; writes and returns its record."""
-  bases.require_depth(config, "the ceiling (the depth head's)")
+  if not bases.is_depth(config):
+    raise UserError("the ceiling is the depth head's; this config's base task "
+                    f"is {bases.name(config)}")
   if steps < 1 or eval_every < 1:
     raise UserError("--steps and --eval-every must be >= 1")
   loader = Loader(config)

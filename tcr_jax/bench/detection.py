@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import time
 from typing import Any, Sequence
+from tcr_jax.tasks import faster_rcnn, init_variables
 
 NUM_GT = 8
 
@@ -70,7 +71,6 @@ def run_jax(batch: int, height: int, width: int, steps: int, warmup: int = 1,
   import jax
   import jax.numpy as jnp
   import optax
-  from tcr_jax.tasks import faster_rcnn, init_variables
   model = faster_rcnn.FasterRCNN(**(overrides or {}))
   variables = init_variables(model)
   images, boxes, labels = _synthetic(batch, height, width)

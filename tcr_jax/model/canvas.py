@@ -1,9 +1,9 @@
 """The detector's input canvas: torchvision's ImageNet normalisation and
 zero padding to a multiple of 32, with each image's own size on it.
 
-Shared by the detection base (tcr_jax/models_detection.py), the enhancement
-that codes the detector's input (tcr_jax/models.py) and the detection terms
-of the objectives (tcr_jax/objectives.py).
+Shared by the detection base (tcr_jax/model/models_detection.py), the enhancement
+that codes the detector's input (tcr_jax/model/models.py) and the detection terms
+of the objectives (tcr_jax/model/objectives.py).
 """
 from __future__ import annotations
 

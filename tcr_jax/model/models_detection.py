@@ -17,7 +17,7 @@ the rest:
       models.gate_gradient exactly as in the depth base.
 
 It offers the methods every model offers (analysis, encode, outputs,
-entropy_model, entropy_variables, latent_shape; tcr_jax/models.py), with
+entropy_model, entropy_variables, latent_shape; tcr_jax/model/models.py), with
 image_sizes as an optional trailing argument: a single image given alone
 (the coder) is its own size, zero-padded to a multiple of 32.
 """
@@ -29,9 +29,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tcr_jax.canvas import MULTIPLE, denormalize, full_sizes, normalize_canvas
+from tcr_jax.model.canvas import MULTIPLE, denormalize, full_sizes, normalize_canvas
 from tcr_jax.codec import entropy_models, transforms
-from tcr_jax.models import entropy_variables, gate_gradient
+from tcr_jax.model.models import entropy_variables, gate_gradient
 from tcr_jax.tasks import FasterRCNN
 
 

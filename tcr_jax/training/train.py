@@ -1,6 +1,6 @@
 """Training one stage: train state, the jitted step, the loop.
 
-A stage is one model of the sweep (tcr_jax/sweep.py): a base layer, or an
+A stage is one model of the sweep (tcr_jax/training/sweep.py): a base layer, or an
 enhancement layer on a frozen base. `Experiment` holds what every stage of a
 sweep shares (the mesh, the data, the two models, the compiled steps); the
 base task's object (tcr_jax/bases/) supplies the data, the models, the loss
@@ -36,7 +36,8 @@ import optax
 from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tcr_jax import bases, checkpoints, sharding
+from tcr_jax import bases, checkpoints
+from tcr_jax.training import sharding
 from tcr_jax.data import loader as loader_lib
 from tcr_jax.data import sampler
 from tcr_jax.errors import UserError

@@ -23,7 +23,7 @@ train.finetune_chain, only the first alpha's model fine-tunes the start, and
 each later one the model of the alpha before it (each lower-rate model warm
 starts from the next higher-rate one).
 
-Stages live in WORKDIR/stages/NAME (tcr_jax/train.py); running the same
+Stages live in WORKDIR/stages/NAME (tcr_jax/training/train.py); running the same
 command again skips finished stages and resumes the one in progress.
 TensorFlow (clu's TensorBoard writer) is only imported here, at run time.
 """
@@ -36,7 +36,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from tcr_jax import bases, checkpoints, train
+from tcr_jax import bases, checkpoints
+from tcr_jax.training import train
+from tcr_jax import configs_lib
+from tcr_jax.errors import UserError
+from tcr_jax.reporting import poster, rd
+from tcr_jax.reporting import previews as drawing
 
 
 def stage_name(kind: str, method: str, alpha: float) -> str:
@@ -69,7 +74,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                        ) -> list[dict]:
   """Runs the whole sweep; returns the records written to results.json."""
   c = config
-  from tcr_jax import configs_lib
   configs_lib.validate(c)
   os.makedirs(workdir, exist_ok=True)
   same_on_every_process(config, workdir)
@@ -155,7 +159,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
         + " and ".join(f"{n} {split}" for split, n in reads.items())
         + " samples", flush=True)
   if jax.process_index() == 0:
-    from tcr_jax import poster, rd
     print(rd.write_report(records, workdir, c.experiment,
                           c.task.enhancement_rate_pixels,
                           poster.report_lines(records)), flush=True)
@@ -171,7 +174,7 @@ def _beta(c, method: str) -> float:
 
 def reference_record(c, exp: train.Experiment) -> dict | None:
   """The base task's trivial references (its trivial_references; the depth
-  task's: tcr_jax/references.py) as a results record; None when
+  task's: tcr_jax/reporting/references.py) as a results record; None when
   config.eval.reference_train_images is 0 or the task has none. Process 0
   computes, every process receives them."""
   names = exp.task.reference_names
@@ -192,7 +195,6 @@ def reference_record(c, exp: train.Experiment) -> dict | None:
 
 def _write_previews(exp: train.Experiment, previews) -> None:
   """Every process evaluates (a collective); process 0 draws."""
-  from tcr_jax import previews as drawing
   n = exp.config.eval.previews
   for alpha, method, bstage, bvars, estage, evars in previews:
     path = os.path.join(exp.workdir, "previews", f"alpha{alpha:g}_{method}.png")
@@ -231,10 +233,10 @@ def adopt_bases(c, workdir: str, source: str) -> list[str]:
   this workdir does not have yet, so that depth_seg reuses depth_recon's
   bases instead of training them again. Returns the stages copied."""
   import shutil
-  from tcr_jax.errors import UserError
   if os.path.abspath(source) == os.path.abspath(workdir):
     raise UserError("config.sweep.bases_from is this workdir")
-  bases.require_depth(c, "config.sweep.bases_from")
+  if not bases.is_depth(c):
+    raise UserError("config.sweep.bases_from is for depth sweeps")
   mine = json.loads(c.to_json())
   other = json.loads(checkpoints.workdir_config(source).to_json())
   for tree in (mine, other):  # workdirs from before eval.split: validation
@@ -270,7 +272,6 @@ def same_on_every_process(config, workdir: str) -> None:
   import hashlib
   import numpy as np
   from jax.experimental import multihost_utils
-  from tcr_jax.errors import UserError
   text = json.dumps(json.loads(config.to_json()), sort_keys=True) + os.path.abspath(workdir)
   mine = np.frombuffer(hashlib.sha256(text.encode()).digest()[:16], np.int32)
   ours = multihost_utils.process_allgather(mine)  # (processes, 4)

@@ -5,7 +5,7 @@
                reconstruction decoder whose error is the paper's reward
   Enhancement  the enhancement layer: Y_e coded given Y_b, for
                reconstruction or segmentation (DeepLabV3-ResNet-50)
-  DetectionBase  (tcr_jax/models_detection.py) the detection base layer:
+  DetectionBase  (tcr_jax/model/models_detection.py) the detection base layer:
                Y_b for Faster R-CNN, plus the reconstruction decoder
 
 Each base task (tcr_jax/bases/) builds its layers from a config.
@@ -23,7 +23,7 @@ the coder (tcr_jax.codec.files) all call instead of re-implementing them:
   latent_shape(h, w)      shape of y for one h x w image
 
 docs/design.md describes the architecture and the two objectives
-(tcr_jax/objectives.py).
+(tcr_jax/model/objectives.py).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tcr_jax import canvas
+from tcr_jax.model import canvas
 from tcr_jax.codec import entropy_models, layers, ops, transforms
 from tcr_jax.tasks.deeplabv3 import DeepLabV3ResNet50
 from tcr_jax.tasks.layers import resize_bilinear

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from tcr_jax.data.labels import CITYSCAPES_PALETTE
 
 
 def save_preview(path: str, base_out: dict, enh_out: dict, task: str) -> None:
@@ -30,7 +31,6 @@ def save_preview(path: str, base_out: dict, enh_out: dict, task: str) -> None:
   for i in range(n):
     enh = enh_out.get("x_hat", enh_out.get("segmentation"))[i]
     if task == "segmentation":
-      from tcr_jax.data.labels import CITYSCAPES_PALETTE
       palette = np.zeros((256, 3), np.uint8)  # the ignore class: black
       palette[:len(CITYSCAPES_PALETTE)] = CITYSCAPES_PALETTE
       enh = palette[np.asarray(enh).astype(np.int64)]

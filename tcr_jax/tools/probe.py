@@ -2,7 +2,7 @@
 
 For each finished base model of a depth workdir (stages base_<method>_alpha<a>,
 their result checkpoints): its quantized latent Y_b on the first training
-and validation images, then, per family of tcr_jax.v_information and per
+and validation images, then, per family of tcr_jax.tools.v_information and per
 target the data carries (the input image, the disparity, the segmentation
 labels), I_V(Y_b -> Z) in bits per target element. Records go to
 WORKDIR/v_information.json (merged by stage, target and family, so a rerun
@@ -23,7 +23,8 @@ import time
 
 import numpy as np
 
-from tcr_jax import bases, checkpoints, compression, v_information
+from tcr_jax import bases, checkpoints
+from tcr_jax.tools import compression, v_information
 from tcr_jax.errors import UserError
 
 RESULTS = "v_information.json"
@@ -94,7 +95,9 @@ def probe_workdir(workdir: str, *, families=v_information.FAMILIES,
   """Measures and writes the records of every base model; returns them all
   (the file's, updated)."""
   config = checkpoints.workdir_config(workdir)
-  bases.require_depth(config, f"the probes (docs/v_information.md) of {workdir}")
+  if not bases.is_depth(config):
+    raise UserError(f"{workdir} is a {bases.name(config)} workdir; the probes "
+                    "measure depth base layers only (docs/v_information.md)")
   bad = sorted(set(families) - set(v_information.FAMILIES))
   if bad:
     raise UserError(f"unknown family {bad[0]!r}; choose from "

@@ -16,7 +16,7 @@ after one untimed warm-up (compilation). One JSON line per model is printed
 and returned as a dict: entropy_model, encode_ms, decode_ms (medians over
 `repeats`), height, width, backend, plus bits, bpp and symbols.
 
-  python -m tcr_jax.bench_codec --height 256 --width 512 --repeats 3
+  python -m tcr_jax.bench.codec --height 256 --width 512 --repeats 3
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tcr_jax import models
+from tcr_jax.model import models
 from tcr_jax.codec import files, latent_coding
 
 PAPER = dict(latent_channels=192, widths=(24, 48, 192), blocks=3)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 
-from tcr_jax import rd
+from tcr_jax.reporting import rd
 
 # The paper's regime (docs/reproduction.md) and Figure 3's bars.
 DEPTH_MARGIN = 0.15          # every base this far below the mean map

@@ -4,7 +4,7 @@ Per batch, a jitted step computes the layer's outputs and the per-image (or
 per-batch) quantities that clu.metrics collections accumulate; padding
 images (weight 0) are masked out. The collections are merged on the host in
 float64 and turned into the stage's metrics, whose "loss" is the paper's
-objective (tcr_jax/objectives.py) evaluated on the pooled terms:
+objective (tcr_jax/model/objectives.py) evaluated on the pooled terms:
 
   base         bpp_base, depth_rmse (pooled over valid pixels),
                depth_rmse_objects (over the valid pixels of people and
@@ -29,10 +29,11 @@ import numpy as np
 from clu import metrics
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tcr_jax import objectives
+from tcr_jax.model import objectives
 from tcr_jax.codec import entropy
 from tcr_jax.data import labels as label_ids
 from tcr_jax.tasks import losses
+from tcr_jax.codec import bitstream, files
 
 PyTree = Any
 
@@ -254,7 +255,6 @@ class Evaluator:
     return {key: bpp, "actual_images": n}
 
   def _actual_bpp(self, stage, variables: PyTree, n: int) -> float:
-    from tcr_jax.codec import bitstream, files
     host = lambda tree: jax.tree.map(np.asarray, tree)
     variables, frozen = host(variables), host(stage.frozen)
     images = self.loader.report_data.batch(range(n))["image"]

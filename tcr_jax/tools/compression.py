@@ -31,6 +31,7 @@ import numpy as np
 
 from tcr_jax import bases, checkpoints
 from tcr_jax.errors import UserError
+from tcr_jax.codec import bitstream, entropy, files
 
 MIN_SIDE = 32  # one latent cell of the base layer
 
@@ -133,7 +134,6 @@ def _atomic_write(path: str, data: bytes) -> None:
 
 
 def _stream_bits(data: bytes, fingerprint: bytes) -> dict[str, int]:
-  from tcr_jax.codec import bitstream
   _, streams = bitstream.unpack(data, fingerprint)
   base = bitstream.split_streams(streams["base"])
   bits = {"hyper": 8 * len(base.get("hyper", b"")), "base": 8 * len(base["y"])}
@@ -147,7 +147,6 @@ def _stream_bits(data: bytes, fingerprint: bytes) -> dict[str, int]:
 def _estimated_bits(base, enh, rgb) -> dict[str, float]:
   """The entropy models' estimates, in bits, per stream."""
   import jax.numpy as jnp
-  from tcr_jax.codec import entropy
   bmodel, bvars = base
   x = jnp.asarray(rgb[None], jnp.float32) / 255.0
   y_b, lik = bmodel.apply(bvars, x, method="encode")
@@ -164,7 +163,6 @@ def _estimated_bits(base, enh, rgb) -> dict[str, float]:
 
 def compress_file(workdir: str, input_path: str, output: str,
                   checkpoint: str | None = None) -> dict:
-  from tcr_jax.codec import files
   checkpoints.workdir_config(workdir), _pick(workdir, checkpoint)  # cheap checks first
   rgb = read_image(input_path)
   config, base, enh, stages = load_models(workdir, checkpoint)
@@ -182,7 +180,6 @@ def compress_file(workdir: str, input_path: str, output: str,
 
 def decompress_file(workdir: str, input_path: str, output_dir: str,
                     layers: str = "all", checkpoint: str | None = None) -> dict:
-  from tcr_jax.codec import files
   if layers not in ("base", "all"):
     raise UserError(f"--layers must be base or all, not {layers!r}")
   if not os.path.isfile(input_path):

@@ -18,6 +18,11 @@ import json
 import sys
 import time
 from typing import Sequence
+from tcr_jax import bases, config_overrides, configs_lib
+from tcr_jax.bench import codec as bench_codec
+from tcr_jax.bench import detection as bench_detection
+from tcr_jax.errors import UserError
+from tcr_jax.training import train
 
 
 def _peak_gib():
@@ -31,15 +36,13 @@ def train_step(config_spec: str, batch: int, height: int, width: int,
                steps: int = 20, warmup: int = 3, dtype: str | None = None,
                overrides: Sequence[str] = ()) -> dict:
   """Times the base layer's training step, the one training runs
-  (tcr_jax.train.train_step with the base task's base_loss_fn, L_b), on
+  (tcr_jax.training.train.train_step with the base task's base_loss_fn, L_b), on
   random data (the task's bench_batch);
   overrides: --config.KEY=VALUE flags, as tcr_jax.main takes them."""
-  from tcr_jax import config_overrides, configs_lib
   config = config_overrides.apply(configs_lib.load_config(config_spec), overrides)
   import functools
   import jax
   import jax.numpy as jnp
-  from tcr_jax import bases, train
   with config.unlocked():
     if dtype:
       config.model.compute_dtype = dtype
@@ -92,13 +95,11 @@ def main(argv=None) -> int:
   s.add_argument("--height", type=int, default=1024)
   s.add_argument("--width", type=int, default=2048)
   s.add_argument("--repeats", type=int, default=3)
-  from tcr_jax import bench_detection
   bench_detection.add_arguments(sub.add_parser(
       "detection", help="time Faster R-CNN training and inference vs torchvision"))
   a, overrides = p.parse_known_args(argv)
   if overrides and a.what != "train-step":
     p.error(f"unrecognized arguments: {' '.join(overrides)}")
-  from tcr_jax.errors import UserError
   try:
     if a.what == "train-step":
       print(json.dumps(train_step(a.config, a.batch, a.height, a.width,
@@ -108,7 +109,6 @@ def main(argv=None) -> int:
       for row in bench_detection.run(a):
         print(json.dumps(row), flush=True)
     else:
-      from tcr_jax import bench_codec
       for row in bench_codec.run(a.height, a.width, repeats=a.repeats):
         print(json.dumps(row), flush=True)
   except UserError as e:
@@ -116,6 +116,3 @@ def main(argv=None) -> int:
     return 2
   return 0
 
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -20,7 +20,7 @@ import math
 import os
 from typing import Sequence
 
-from tcr_jax import poster, rd
+from tcr_jax.reporting import poster, rd
 from tcr_jax.errors import UserError
 
 # The demo's targets (README: what the demo shows): the proposal's

@@ -49,7 +49,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tcr_jax import bases, checkpoints, compression
+from tcr_jax import bases, checkpoints
+from tcr_jax.tools import compression
+from tcr_jax.errors import UserError
 
 SAVING_THRESHOLD = 0.05   # a channel saving less than this is "stuck"
 ACTIVE_BITS = 0.02        # bits per element (without side) to count a channel
@@ -210,7 +212,6 @@ def channel_table(r: dict) -> str:
 
 def report(args: argparse.Namespace) -> int:
   """Prints the table for args.workdir (UserError when it has no model)."""
-  from tcr_jax.errors import UserError
   stages = conditional_stages(args.workdir)
   if not stages:
     raise UserError(f"no finished conditional enhancement stages in "
