@@ -1,38 +1,53 @@
-"""Shared pieces of the experiment configs (configs/*.py).
+"""Shared pieces of the experiment configs (configs/*.py), big_vision style.
 
-A config file calls `experiment_config(name, enhancement_task, arg)`; `arg`
-picks a variant, big_vision style:
+Each configs/*.py is `get_config(arg)`: the paper's settings for its
+experiment, then its variants, spelled out in that file. `arg` picks one:
 
-  ""          the paper's settings on Cityscapes (config.data.name): the
-              poster's beta 0.01 and a hyperprior entropy model
-  "authors"   the protocol of the authors' code on Cityscapes: context
-              model, beta 0.1, their bpp denominators, aux weight, standalone
-              protocol, early stopping and bounds (docs/authors.md lists
-              every difference)
+  ""          the paper's settings (Cityscapes or COCO 2017)
+  "authors"   the protocol of the authors' code (docs/authors.md)
   "reproduction"  the embedded synthetic scenes in the paper's regime
-              (docs/reproduction.md): a small reward, alphas whose base
-              rates overlap, every stage trained until its validation loss
-              stops improving or its cap, figures on the test scenes
-  "synthetic" `make demo`: the reproduction with smaller caps, sized for
-              a laptop CPU
-  "smoke"     tiny everything, for tests (a few seconds per stage)
+              (docs/reproduction.md; the depth experiments)
+  "synthetic" `make demo`: sized for a laptop CPU
+  "smoke"     tiny everything: a one-minute check (the tests use it)
 
-Every hyper-parameter of the paper's model (docs/design.md) is a field here.
+The helpers here hold what several configs share:
+
+  variant(arg, allowed)  the variant's name, checked
+  paper_config(...)      the fields every experiment has, at the paper's values
+  depth_task(c)          the depth base task's fields (configs/depth_*.py)
+  authors_protocol(c)    the authors' code where it differs from the paper
+                         (both depth experiments)
+  synthetic_scenes(c)    the depth experiments on the embedded scenes, in
+                         the paper's regime
+  warm_starts(c, ...)    the demo's warm starts (the synthetic variants only)
+  smoke_sizes(c)         the tiny model and steps of every :smoke
+  validate(c), load_config(spec)
+
+Every hyper-parameter of the paper's model (docs/design.md) is a field of
+paper_config or of a base task's helper.
 """
 from __future__ import annotations
 
 import ml_collections
+
 from tcr_jax.errors import UserError
 
 VARIANTS = ("", "authors", "synthetic", "reproduction", "smoke")
 
 
-def experiment_config(experiment: str, enhancement_task: str,
-                      arg: str | None = None) -> ml_collections.ConfigDict:
+def variant(arg: str | None, allowed: tuple[str, ...] = VARIANTS) -> str:
+  """The variant named by a config file's argument ("" for the paper's)."""
   arg = (arg or "").strip()
-  if arg not in VARIANTS:
+  if arg not in allowed:
     raise ValueError(f"unknown config variant {arg!r}; expected one of "
-                     f"{', '.join(repr(v) for v in VARIANTS)}")
+                     f"{', '.join(repr(v) for v in allowed)}")
+  return arg
+
+
+def paper_config(experiment: str, enhancement_task: str, arg: str
+                 ) -> ml_collections.ConfigDict:
+  """The fields every experiment has, at the paper's values; a config file
+  adds its base task's (config.task.base and the task's own fields)."""
   c = ml_collections.ConfigDict()
   c.experiment = experiment
   c.variant = arg or "paper"
@@ -47,7 +62,8 @@ def experiment_config(experiment: str, enhancement_task: str,
   c.data.hflip = True
   c.data.color_jitter = 0.5  # brightness, contrast, saturation
 
-  # Base layer: depth (LRASPP MobileNetV3-L) from a half-resolution codec.
+  # The codec of both layers (tcr_jax/codec): ELIC transforms, a
+  # half-resolution input for the depth base.
   c.model = ml_collections.ConfigDict()
   c.model.latent_channels = 192
   c.model.widths = (24, 48, 192)
@@ -64,8 +80,9 @@ def experiment_config(experiment: str, enhancement_task: str,
   c.enhancement_context = "serial"   # serial (authors) | none | checkerboard
 
   c.task = ml_collections.ConfigDict()
-  # The base task: "depth" here; "detection" in configs_detection.py.
-  c.task.base = "depth"
+  # The base task: a name of tcr_jax/bases ("depth", "detection") or the
+  # import path of a module that defines Task; the config file sets it.
+  c.task.base = ""
   c.task.enhancement = enhancement_task  # reconstruction | segmentation
   c.task.num_classes = 20    # 19 Cityscapes train ids + 1 ignore class
   c.task.ignore_index = 19
@@ -78,12 +95,6 @@ def experiment_config(experiment: str, enhancement_task: str,
   # are divided by: "full" (the input's) or "half" (the half-resolution
   # image the reconstruction enhancement codes, as the authors do).
   c.task.enhancement_rate_pixels = "full"
-  # The depth head predicts disparity / disparity_scale: 128 px at 2048 px
-  # width (the authors'), scaled with the width for smaller images.
-  c.task.disparity_scale = 128.0
-  # Batch-norm momentum of the depth head's MobileNetV3 backbone (torch
-  # convention: the weight of each new batch; torchvision's 0.01).
-  c.task.depth_bn_momentum = 0.01
 
   # The sweep: every alpha x method gives a base model (baseline: beta 0,
   # proposal: beta), a conditional enhancement on it, and per alpha one
@@ -111,13 +122,6 @@ def experiment_config(experiment: str, enhancement_task: str,
   c.train.learning_rate = 1e-4
   c.train.base_steps = 100_000
   c.train.enhancement_steps = 100_000
-  # > 0: every base model fine-tunes one shared start trained this long
-  # (sweep.py), at finetune_lr_scale times the learning rate. With
-  # finetune_chain, each base model after the first alpha's fine-tunes the
-  # previous alpha's model of its method instead (warm starts down the rate).
-  c.train.base_pretrain_steps = 0
-  c.train.finetune_lr_scale = 1.0
-  c.train.finetune_chain = False
   c.train.lr_schedule = "constant"      # or "cosine" (decay to 0 per stage)
   c.train.warmup_steps = 0              # linear warm-up at each stage's start
   c.train.base_grad_clip = 0.0          # 0: none (the authors')
@@ -144,132 +148,129 @@ def experiment_config(experiment: str, enhancement_task: str,
   # (the synthetic scenes': no choice of a config or a stopping step saw
   # them). Early stopping and the choice of a stage's result use validation.
   c.eval.split = "validation"
-  # Training images the trivial references (references.py) are computed on
-  # (0: none; the demo's report sets them next to the models' figures).
-  c.eval.reference_train_images = 0
 
   # Optional starting points: orbax checkpoints written by
-  # `tcr-jax import-torchvision`: ImageNet backbones (mobilenet_v3_large,
-  # resnet50; the authors' start) or whole task heads.
+  # `tcr-jax import-torchvision` (ImageNet backbones, the authors' start, or
+  # whole task heads); the base task adds its own.
   c.init = ml_collections.ConfigDict()
-  c.init.depth_backbone = ""
   c.init.segmentation_backbone = ""
-  c.init.depth_head = ""
   c.init.segmentation_head = ""
-
-  if arg == "authors":
-    # The authors' code (adeandrade/research, compatible-representations).
-    epoch = -(-2975 // c.train.batch_size)  # Cityscapes train, batch 10
-    c.entropy_model = "context"
-    c.model.likelihood_bound = "lower_bound"
-    c.sweep.beta = 0.1
-    c.sweep.standalone_mode = "refit"
-    c.task.aux_weight = 1.0
-    if enhancement_task == "reconstruction":
-      c.task.enhancement_rate_pixels = "half"
-    c.train.base_steps = 1000 * epoch
-    c.train.enhancement_steps = 1000 * epoch
-    c.train.eval_every = epoch
-    c.train.checkpoint_every = epoch
-    c.train.eval_images_during_training = 500
-    c.train.base_select = "loss"
-    c.train.base_patience = 200
-    c.train.enhancement_select = ("bpp_enhancement"
-                                  if enhancement_task == "reconstruction"
-                                  else "miou")
-    c.train.enhancement_patience = 5 if enhancement_task == "reconstruction" else 50
-
-  if arg in ("synthetic", "reproduction"):
-    # The embedded synthetic scenes in the paper's regime (docs/
-    # reproduction.md gives the measurements behind each choice). What this
-    # does that the paper does not: small images and transforms (one width:
-    # g_a strides 4, so the 64x128 images keep an 8x16x32 latent), one
-    # start per method that its base models fine-tune, and a batch-norm
-    # momentum of 0.1 for the depth head's short training.
-    # - beta 0.005: the reward beta * 255 * RMSE(x, x_rec) at most a third of
-    #   the depth term (at 0.01 it was half of it on these scenes);
-    # - alphas a factor 8 apart, so that the two methods' base rates overlap;
-    # - a constant learning rate (a cosine to zero at a step cap would decide
-    #   when training ends, not the validation loss): one start per method
-    #   (early stopping: 3 evaluations 250 steps apart without a better
-    #   validation loss, or the cap), then each alpha fine-tunes the alpha
-    #   before it (down the rate) at 0.3 times the rate, keeping its best
-    #   validation evaluation; bd_rate.md says what ended each stage;
-    # - figures on the test scenes; every choice on 128 validation scenes.
-    c.data.name = "synthetic"
-    c.data.height, c.data.width = 64, 128
-    c.task.disparity_scale = 8.0
-    c.task.depth_bn_momentum = 0.1
-    c.model.latent_channels = 32
-    c.model.widths = (32,)
-    c.model.analysis_blocks = 1
-    c.model.recon_blocks = 1
-    c.model.hyper_channels = 32
-    c.sweep.alphas = (0.02, 0.16, 1.28)
-    c.sweep.enhancement_alpha_scale *= 3.0  # 30 for the reconstruction
-    c.sweep.beta = 0.005
-    c.train.batch_size = 8
-    c.train.learning_rate = 1e-3
-    c.train.lr_schedule = "constant"
-    c.train.finetune_lr_scale = 0.3
-    c.train.finetune_chain = True
-    c.train.log_every = 100
-    c.train.eval_every = 250
-    c.train.checkpoint_every = 250
-    c.train.base_patience = 3
-    c.train.enhancement_patience = 2
-    c.train.eval_images_during_training = 128
-    c.eval.batch_size = 32
-    c.eval.actual_bits_images = 8
-    c.eval.split = "test"
-    c.eval.reference_train_images = 1000
-    # DeepLabV3-ResNet-50 at an eighth of its widths (about 1/64 of its
-    # work): at full width a segmentation step takes seconds on 2 CPU
-    # cores, at a quarter 0.3 s.
-    if enhancement_task == "segmentation":
-      c.task.segmentation_width = 0.125
-  if arg == "synthetic":
-    # `make demo`: the reproduction's small version, in at most fifteen
-    # minutes with its set-up on two CPU cores (README: what it shows).
-    # Shorter caps, 128 test scenes.
-    c.data.eval_images = 128
-    c.train.base_pretrain_steps = 1250
-    c.train.base_steps = 250
-    c.train.enhancement_steps = 500
-  if arg == "reproduction":
-    # make reproduction: caps that bind late (bd_rate.md's training
-    # table), 256 test scenes.
-    c.data.eval_images = 256
-    c.train.base_pretrain_steps = 2500
-    c.train.base_steps = 750
-    c.train.enhancement_steps = (1000 if enhancement_task == "segmentation"
-                                 else 1500)
-  elif arg == "smoke":
-    c.data.name = "synthetic"
-    # 64x128: at 32x64 the depth head's stride-16 features are 1x1 and its
-    # batch-norm gradients become float noise (measured: 10% apart between
-    # 1 and 4 devices), so tests of training would test nothing.
-    c.data.height, c.data.width = 64, 128
-    c.task.disparity_scale = 4.0
-    c.data.eval_images = 4
-    c.model.latent_channels = 8
-    c.model.widths = (4, 6, 8)
-    c.model.analysis_blocks = 1
-    c.model.recon_blocks = 1
-    c.model.hyper_channels = 4
-    c.sweep.alphas = (0.01, 0.1)
-    c.train.batch_size = 8
-    c.train.learning_rate = 1e-3
-    c.train.base_steps = 6
-    c.train.enhancement_steps = 8
-    c.train.log_every = 2
-    c.train.checkpoint_every = 2
-    c.train.eval_every = 2
-    c.train.eval_images_during_training = 4
-    c.eval.batch_size = 4
-    c.eval.previews = 2
-    c.eval.actual_bits_images = 2
   return c
+
+
+def depth_task(c: ml_collections.ConfigDict) -> None:
+  """The depth base task (tcr_jax/bases/depth.py): LRASPP MobileNetV3-L
+  on g_s's output predicts disparity."""
+  c.task.base = "depth"
+  # The depth head predicts disparity / disparity_scale: 128 px at 2048 px
+  # width (the authors'), scaled with the width for smaller images.
+  c.task.disparity_scale = 128.0
+  # Batch-norm momentum of the depth head's MobileNetV3 backbone (torch
+  # convention: the weight of each new batch; torchvision's 0.01).
+  c.task.depth_bn_momentum = 0.01
+  c.init.depth_backbone = ""   # mobilenet_v3_large
+  c.init.depth_head = ""       # lraspp_mobilenet_v3_large
+
+
+def authors_protocol(c: ml_collections.ConfigDict) -> None:
+  """The authors' code (adeandrade/research, compatible-representations)
+  where the two depth experiments share it; each config adds its
+  enhancement's choices."""
+  epoch = -(-2975 // c.train.batch_size)  # Cityscapes train, batch 10
+  c.entropy_model = "context"
+  c.model.likelihood_bound = "lower_bound"
+  c.sweep.beta = 0.1
+  c.sweep.standalone_mode = "refit"
+  c.task.aux_weight = 1.0
+  c.train.base_steps = 1000 * epoch
+  c.train.enhancement_steps = 1000 * epoch
+  c.train.eval_every = epoch
+  c.train.checkpoint_every = epoch
+  c.train.eval_images_during_training = 500
+  c.train.base_select = "loss"
+  c.train.base_patience = 200
+
+
+def synthetic_scenes(c: ml_collections.ConfigDict) -> None:
+  """The depth experiments on the embedded synthetic scenes, in the paper's
+  regime (docs/reproduction.md gives the measurements behind each choice).
+  What this does that the paper does not: small images and transforms (one
+  width: g_a strides 4, so the 64x128 images keep an 8x16x32 latent) and a
+  batch-norm momentum of 0.1 for the depth head's short training.
+    - beta 0.005: the reward beta * 255 * RMSE(x, x_rec) at most a third of
+      the depth term (at 0.01 it was half of it on these scenes);
+    - alphas a factor 8 apart, so that the two methods' base rates overlap;
+    - a constant learning rate (a cosine to zero at a step cap would decide
+      when training ends, not the validation loss), early stopping (3
+      evaluations 250 steps apart without a better validation loss, or the
+      cap); bd_rate.md says what ended each stage;
+    - figures on the test scenes; every choice on 128 validation scenes,
+      next to the trivial references (reporting/references.py)."""
+  c.data.name = "synthetic"
+  c.data.height, c.data.width = 64, 128
+  c.task.disparity_scale = 8.0
+  c.task.depth_bn_momentum = 0.1
+  c.model.latent_channels = 32
+  c.model.widths = (32,)
+  c.model.analysis_blocks = 1
+  c.model.recon_blocks = 1
+  c.model.hyper_channels = 32
+  c.sweep.alphas = (0.02, 0.16, 1.28)
+  c.sweep.enhancement_alpha_scale *= 3.0  # 30 for the reconstruction
+  c.sweep.beta = 0.005
+  c.train.batch_size = 8
+  c.train.learning_rate = 1e-3
+  c.train.lr_schedule = "constant"
+  c.train.log_every = 100
+  c.train.eval_every = 250
+  c.train.checkpoint_every = 250
+  c.train.base_patience = 3
+  c.train.enhancement_patience = 2
+  c.train.eval_images_during_training = 128
+  c.eval.batch_size = 32
+  c.eval.actual_bits_images = 8
+  c.eval.split = "test"
+  # Training images the trivial references are computed on (the report sets
+  # them next to the models' figures).
+  c.eval.reference_train_images = 1000
+
+
+def warm_starts(c: ml_collections.ConfigDict, pretrain_steps: int,
+                lr_scale: float = 0.3, chain: bool = True) -> None:
+  """The demo's warm starts (training/sweep.py): each method first trains
+  one start for `pretrain_steps` at the first alpha, and its base models
+  fine-tune it at lr_scale times the learning rate; with `chain`, each
+  alpha's model fine-tunes the alpha before it instead (down the rate)."""
+  c.train.base_pretrain_steps = pretrain_steps
+  c.train.finetune_lr_scale = lr_scale
+  c.train.finetune_chain = chain
+
+
+def smoke_sizes(c: ml_collections.ConfigDict) -> None:
+  """The tiny model, images and steps of every :smoke variant. 64x128: at
+  32x64 the depth head's stride-16 features are 1x1 and its batch-norm
+  gradients become float noise (measured: 10% apart between 1 and 4
+  devices), so tests of training would test nothing."""
+  c.data.name = "synthetic"
+  c.data.height, c.data.width = 64, 128
+  c.data.eval_images = 4
+  c.model.latent_channels = 8
+  c.model.widths = (4, 6, 8)
+  c.model.analysis_blocks = 1
+  c.model.recon_blocks = 1
+  c.model.hyper_channels = 4
+  c.sweep.alphas = (0.01, 0.1)
+  c.train.batch_size = 8
+  c.train.learning_rate = 1e-3
+  c.train.base_steps = 6
+  c.train.enhancement_steps = 8
+  c.train.log_every = 2
+  c.train.checkpoint_every = 2
+  c.train.eval_every = 2
+  c.train.eval_images_during_training = 4
+  c.eval.batch_size = 4
+  c.eval.previews = 2
+  c.eval.actual_bits_images = 2
 
 
 _SELECT = {"reconstruction": ("loss", "bpp_enhancement", "psnr"),
@@ -323,7 +324,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
                     "need config.task.segmentation_width=1")
   if c.train.get("warmup_steps", 0) < 0:
     raise UserError("config.train.warmup_steps must be >= 0 (0: no warm-up)")
-  if c.train.base_pretrain_steps < 0 or not c.train.finetune_lr_scale > 0:
+  if (c.train.get("base_pretrain_steps", 0) < 0
+      or not c.train.get("finetune_lr_scale", 1.0) > 0):
     raise UserError("config.train.base_pretrain_steps must be >= 0 and "
                     "config.train.finetune_lr_scale > 0")
   task.check_config()

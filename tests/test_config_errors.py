@@ -112,3 +112,36 @@ def test_a_missing_config_file_is_one_line(tmp_path):
       capture_output=True, text=True, timeout=60)
   assert _one_line(result, "main") == "tcr_jax.main: error: config file 'configs/nope.py' not found"
   assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("experiment", ["depth_recon", "depth_seg", "detection_recon"])
+def test_each_config_file_is_self_contained(experiment):
+  """configs/*.py say their variants themselves; the demo's knobs exist in
+  the synthetic variants only (the sweep's defaults are no warm starts and
+  no references); field names keep one meaning to the layer."""
+  from tcr_jax import configs_lib
+  path = os.path.join(ROOT, "configs", f"{experiment}.py")
+  text = open(path).read()
+  assert "def get_config(arg=None)" in text
+  for variant in ("smoke", "synthetic", "authors"):
+    assert f'arg == "{variant}"' in text or f'"{variant}")' in text
+  demo = ("train.base_pretrain_steps", "train.finetune_lr_scale",
+          "train.finetune_chain")
+  for variant in ("", "authors", "smoke"):
+    c = configs_lib.load_config(f"{path}:{variant}" if variant else path)
+    configs_lib.validate(c)
+    flat = set(_flat(c.to_dict()))
+    assert not flat & set(demo), (variant, flat & set(demo))
+    assert "eval.reference_train_images" not in flat
+    assert ("task.depth_bn_momentum" in flat) == experiment.startswith("depth")
+  if experiment.startswith("depth"):
+    demo_config = configs_lib.load_config(f"{path}:synthetic")
+    assert demo_config.train.base_pretrain_steps > 0 and demo_config.train.finetune_chain
+
+
+def _flat(tree, prefix=""):
+  for key, value in tree.items():
+    if isinstance(value, dict) and value:
+      yield from _flat(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}"

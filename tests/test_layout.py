@@ -18,7 +18,7 @@ LAYERS = (
     ("tcr_jax.codec", "tcr_jax.tasks", "tcr_jax.data"),
     ("tcr_jax.model", "tcr_jax.reporting"),
     ("tcr_jax.bases",),
-    ("tcr_jax.configs_lib", "tcr_jax.configs_detection", "tcr_jax.config_overrides"),
+    ("tcr_jax.configs_lib", "tcr_jax.config_overrides"),
     ("tcr_jax.training",),
     ("tcr_jax.tools",),
     ("tcr_jax.cli", "tcr_jax.main", "tcr_jax.supervisor", "tcr_jax.bench"),
@@ -121,7 +121,7 @@ def test_only_the_lookup_compares_base_task_names():
   """config.task.base is read in one place, tcr_jax/bases/__init__.py (and
   set by the config modules); nothing else compares it to a name."""
   names = re.compile(r"""["'](depth|detection)["']""")
-  allowed = {"tcr_jax.bases", "tcr_jax.configs_lib", "tcr_jax.configs_detection"}
+  allowed = {"tcr_jax.bases", "tcr_jax.configs_lib"}
   found = []
   for name, path in MODULES.items():
     if name in allowed:

@@ -3,12 +3,11 @@ import jax
 import numpy as np
 import pytest
 
-from tcr_jax import configs_lib
 from tcr_jax.data import cityscapes, pipeline, sampler
 from tcr_jax.data.loader import Loader
 from tcr_jax.errors import UserError
 
-from conftest import FAKE_CITYSCAPES
+from conftest import FAKE_CITYSCAPES, load_config
 
 H, W = FAKE_CITYSCAPES.H, FAKE_CITYSCAPES.W
 write_zips, sample = FAKE_CITYSCAPES.write_zips, FAKE_CITYSCAPES.sample
@@ -29,7 +28,7 @@ def data_dir(tmp_path_factory):
 
 
 def make_config(data_dir, height=H, width=W, batch_size=4, seed=0):
-  c = configs_lib.experiment_config("depth_seg", "segmentation", "smoke")
+  c = load_config("depth_seg", "smoke")
   c.data.name = "cityscapes"
   c.data.data_dir = data_dir
   c.data.height, c.data.width = height, width

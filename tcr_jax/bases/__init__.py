@@ -15,8 +15,7 @@ from tcr_jax.bases.base import BaseTask
 from tcr_jax.errors import UserError
 from tcr_jax.bases import depth
 
-# Built-in names -> their modules, imported when a config asks for them
-# (each pulls in its models and heads).
+# The built-in names and their modules (imported when a config names them).
 BUILT_IN = {"depth": "tcr_jax.bases.depth",
             "detection": "tcr_jax.bases.detection"}
 

@@ -52,7 +52,7 @@ class Task(BaseTask):
         hyper_channels=m.hyper_channels, quantizer=m.quantizer,
         likelihood_bound=m.likelihood_bound,
         disparity_scale=c.task.disparity_scale,
-        head_bn_momentum=c.task.depth_bn_momentum,
+        depth_bn_momentum=c.task.depth_bn_momentum,
         compute_dtype=m.compute_dtype)
 
   def base_loss_fn(self, model, variables, batch, rng, hp, frozen=None,
@@ -133,7 +133,7 @@ class Task(BaseTask):
     """The values of REFERENCE_NAMES (tcr_jax/reporting/references.py)."""
     return references.trivial_references(
         loader.train_data, loader.report_data,
-        self.config.eval.reference_train_images, eval_images)
+        self.config.eval.get("reference_train_images", 0), eval_images)
 
   def decoded_files(self, out: dict) -> dict[str, bytes]:
     """disparity.png (Cityscapes' 16-bit encoding), reconstruction.png

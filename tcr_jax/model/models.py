@@ -139,7 +139,7 @@ class DepthBase(nn.Module):
   quantizer: str = "ste"
   likelihood_bound: str = "clamp"
   disparity_scale: float = 128.0
-  head_bn_momentum: float = 0.01  # torch convention, as torchvision's
+  depth_bn_momentum: float = 0.01  # torch convention, as torchvision's
   compute_dtype: str = "float32"
 
   entropy_variables = staticmethod(entropy_variables)
@@ -165,7 +165,7 @@ class DepthBase(nn.Module):
     self.g_s_task = transforms.SynthesisTransform(3, widths[::-1],
                                                   self.task_blocks, dtype=dt)
     self.head = LRASPPMobileNetV3(
-        num_classes=1, backbone_bn_momentum=1.0 - self.head_bn_momentum)
+        num_classes=1, backbone_bn_momentum=1.0 - self.depth_bn_momentum)
     self.up_depth = layers.conv(1, 5)
     self.g_s_rec = transforms.SynthesisTransform(3, widths[::-1],
                                                  self.recon_blocks, dtype=dt)

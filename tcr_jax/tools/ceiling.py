@@ -41,13 +41,13 @@ RESULT = rd.CEILING
 class DepthCeiling(nn.Module):
   """The depth head of models.DepthBase on the uncompressed image."""
   disparity_scale: float = 128.0
-  head_bn_momentum: float = 0.01  # torch convention, as DepthBase's
+  depth_bn_momentum: float = 0.01  # torch convention, as DepthBase's
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     padded, _ = ops.pad_to_multiple(x, 32)
     half = ops.downsample_2x(padded)
-    d = LRASPPMobileNetV3(num_classes=1, backbone_bn_momentum=1.0 - self.head_bn_momentum
+    d = LRASPPMobileNetV3(num_classes=1, backbone_bn_momentum=1.0 - self.depth_bn_momentum
                           )(half, train=train)["out"]
     d = layers.conv(1, 5)(ops.upsample_nearest_2x(d))
     return self.disparity_scale * d[:, :x.shape[1], :x.shape[2], 0]

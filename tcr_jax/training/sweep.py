@@ -14,7 +14,8 @@ results.json; rd.py then writes bd_rate.md and the RD plots, and previews/
 gets the outputs of that split's first images. Early stopping and the choice
 of a stage's result use the validation split only.
 
-With train.base_pretrain_steps > 0 (the :synthetic demo), each method first
+With train.base_pretrain_steps > 0 (the demo's warm starts, fields only the
+synthetic variants have: configs_lib.warm_starts), each method first
 trains one start at the first alpha (stage base_start_METHOD_alphaA, that
 many steps), and each of its base models fine-tunes that start for
 train.base_steps at train.finetune_lr_scale times the learning rate: a warm
@@ -103,13 +104,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     train.log("trivial references: " + train._fmt(reference))
   previews = []
   starts = {}  # method -> the start its base models fine-tune (none: scratch)
-  if c.train.base_pretrain_steps > 0:
+  pretrain_steps, lr_scale, chain = warm_starts(c)
+  if pretrain_steps > 0:
     # Each method trains one start at the first alpha; every base model of
     # the method, that alpha's too, fine-tunes it for train.base_steps, so
     # every base model gets the same number of steps.
     for method in c.sweep.methods:
       pstage = train.Stage(stage_name("base_start", method, c.sweep.alphas[0]),
-                           "base", c.train.base_pretrain_steps,
+                           "base", pretrain_steps,
                            {"alpha": c.sweep.alphas[0], "beta": _beta(c, method),
                             "lr_scale": 1.0})  # the fine-tunes' hp keys
       starts[method], _ = train.run_stage(exp, pstage, writer_factory)
@@ -121,12 +123,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       hp = {"alpha": alpha, "beta": beta}
       start = {}
       if method in starts:
-        hp["lr_scale"] = c.train.finetune_lr_scale
+        hp["lr_scale"] = lr_scale
         start = {"init": starts[method]}
       bstage = train.Stage(stage_name("base", method, alpha), "base",
                            c.train.base_steps, hp, **start)
       base_vars, bm = train.run_stage(exp, bstage, writer_factory)
-      if method in starts and c.train.finetune_chain:
+      if method in starts and chain:
         starts[method] = base_vars
       records.append(record(c, "base", method, alpha, beta, bm, task_metrics))
       estage = train.Stage(stage_name("enhancement", method, alpha),
@@ -168,6 +170,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   return records
 
 
+# The demo's warm starts when a config has none (configs_lib.warm_starts).
+NO_WARM_STARTS = {"base_pretrain_steps": 0, "finetune_lr_scale": 1.0,
+                  "finetune_chain": False}
+
+
+def warm_starts(c) -> tuple[int, float, bool]:
+  """(train.base_pretrain_steps, finetune_lr_scale, finetune_chain)."""
+  return tuple(c.train.get(k, v) for k, v in NO_WARM_STARTS.items())
+
+
 def _beta(c, method: str) -> float:
   return 0.0 if method == "baseline" else c.sweep.beta
 
@@ -178,7 +190,7 @@ def reference_record(c, exp: train.Experiment) -> dict | None:
   config.eval.reference_train_images is 0 or the task has none. Process 0
   computes, every process receives them."""
   names = exp.task.reference_names
-  if c.eval.reference_train_images <= 0 or not names:
+  if c.eval.get("reference_train_images", 0) <= 0 or not names:
     return None
   values = np.zeros(len(names), np.float32)
   if jax.process_index() == 0:
@@ -239,8 +251,10 @@ def adopt_bases(c, workdir: str, source: str) -> list[str]:
     raise UserError("config.sweep.bases_from is for depth sweeps")
   mine = json.loads(c.to_json())
   other = json.loads(checkpoints.workdir_config(source).to_json())
-  for tree in (mine, other):  # workdirs from before eval.split: validation
+  for tree in (mine, other):  # fields a config may lack, at their defaults
     tree.setdefault("eval", {}).setdefault("split", "validation")
+    for key, value in NO_WARM_STARTS.items():
+      tree["train"].setdefault(key, value)
   differ = [f for f in BASE_FIELDS if _field(mine, f) != _field(other, f)]
   if differ:
     path = differ[0]
