@@ -131,6 +131,14 @@ def test_fingerprint_tracks_structure_values_and_config():
       {"params": {"a": jnp.ones((2, 3)), "b": {"c": jnp.full(4, 1e-7)}}}, "cfg")
 
 
+def test_a_renamed_field_keeps_the_files_written_before():
+  """DepthBase.depth_bn_momentum was head_bn_momentum when files were first
+  written: the fingerprint names it as then, and still tracks its value."""
+  text = files.config_string(models.DepthBase())
+  assert "head_bn_momentum=0.01" in text and "depth_bn_momentum" not in text
+  assert files.config_string(models.DepthBase(depth_bn_momentum=0.1)) != text
+
+
 def test_varints_and_nested_streams():
   for value in (0, 1, 127, 128, 300, 2 ** 32 - 1):
     raw = bitstream.write_varint(value)

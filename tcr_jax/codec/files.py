@@ -34,10 +34,12 @@ from tcr_jax.codec.tables import DEFAULT_TOL
 def config_string(model) -> str:
   """The module's dataclass fields, for the fingerprint. Fields a model
   lists in `fingerprint_omits_defaults` (added after files were written)
-  count only when they differ from their default, so older files keep
-  their fingerprint."""
+  count only when they differ from their default, and fields renamed since
+  count under the name in `fingerprint_names` (new name -> old), so older
+  files keep their fingerprint."""
   omit = getattr(model, "fingerprint_omits_defaults", ())
-  fields = [f"{f.name}={getattr(model, f.name)!r}"
+  names = getattr(model, "fingerprint_names", {})
+  fields = [f"{names.get(f.name, f.name)}={getattr(model, f.name)!r}"
             for f in dataclasses.fields(model)
             if f.name not in ("parent", "name")
             and not (f.name in omit and getattr(model, f.name) == f.default)]

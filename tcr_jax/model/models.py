@@ -142,6 +142,9 @@ class DepthBase(nn.Module):
   depth_bn_momentum: float = 0.01  # torch convention, as torchvision's
   compute_dtype: str = "float32"
 
+  # Files written before the field took the config's name (codec/files.py).
+  fingerprint_names = {"depth_bn_momentum": "head_bn_momentum"}
+
   entropy_variables = staticmethod(entropy_variables)
 
   @property
