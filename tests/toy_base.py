@@ -16,7 +16,8 @@ from clu import metrics
 
 from tcr_jax import data
 from tcr_jax.model import evaluate, models, objectives
-from tcr_jax.bases.base import BaseTask, png_bytes
+from tcr_jax.bases.base import (BaseTask, base_objective, enhancement_objective,
+                                png_bytes)
 from tcr_jax.codec import entropy
 from tcr_jax.data import labels as label_ids
 
@@ -101,10 +102,7 @@ class Task(BaseTask):
     terms = {"bpp": entropy.bpp(out["likelihoods"], x.shape[1] * x.shape[2]),
              "task_loss": jnp.mean(_bce(_object_logits(out), _objects(batch))),
              "rec_rmse255": objectives.rmse_255(x, out["x_rec"])}
-    metrics_ = {"loss": objectives.base_loss(terms, hp["alpha"], hp["beta"]),
-                **terms}
-    loss = objectives.base_training_loss(terms, hp["alpha"], hp["beta"])
-    return loss, (metrics_, state.get("batch_stats", {}))
+    return base_objective(terms, hp, state)
 
   def enhancement_loss_fn(self, model, base, variables, batch, rng, hp, frozen,
                           train=True):
@@ -116,8 +114,7 @@ class Task(BaseTask):
     pixels = objectives.rate_pixels(x.shape[1], x.shape[2], "full")
     terms = objectives.enhancement_terms(lik_b, out["likelihoods"], distortion,
                                          pixels)
-    loss = objectives.enhancement_loss(terms, hp["alpha"], hp["base_rate"])
-    return loss, ({"loss": loss, **terms}, state.get("batch_stats", {}))
+    return enhancement_objective(terms, hp, state)
 
   def init_variables(self, base, enhancement, kind, key):
     c = self.config

@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from tcr_jax.model import models
+from tcr_jax.model import models, objectives
+from tcr_jax.tasks.checkpoint_io import load_into
 
 PyTree = Any
 
@@ -107,3 +108,40 @@ def png_bytes(array: np.ndarray) -> bytes:
   buf = io.BytesIO()
   Image.fromarray(array).save(buf, "PNG")
   return buf.getvalue()
+
+
+# --------------------------------------------------------------------------
+# What the tasks' pieces share.
+
+
+def base_objective(terms, hp, state):
+  """A base loss function's result from its batch terms (model/
+  objectives.py): (what the step differentiates, (metrics with L_b as
+  "loss", the new batch statistics))."""
+  metrics = {"loss": objectives.base_loss(terms, hp["alpha"], hp["beta"]),
+             **terms}
+  loss = objectives.base_training_loss(terms, hp["alpha"], hp["beta"])
+  return loss, (metrics, state.get("batch_stats", {}))
+
+
+def enhancement_objective(terms, hp, state):
+  """An enhancement loss function's result from its batch terms: (L_e,
+  (metrics, the new batch statistics))."""
+  loss = objectives.enhancement_loss(terms, hp["alpha"], hp["base_rate"])
+  return loss, ({"loss": loss, **terms}, state.get("batch_stats", {}))
+
+
+def load_pretrained(variables, init, slots) -> PyTree:
+  """`variables` with the `tcr-jax import-torchvision` checkpoints that
+  config.init names put in, in order: slots are (init field, where in the
+  variables, architecture); an empty field loads nothing."""
+  for field, where, arch in slots:
+    if init.get(field):
+      variables = load_into(variables, where, init[field], arch)
+  return variables
+
+
+# The segmentation enhancement's pretrained networks (config.init).
+SEGMENTATION_WEIGHTS = (
+    ("segmentation_backbone", ("head", "backbone"), "resnet50"),
+    ("segmentation_head", ("head",), "deeplabv3_resnet50"))

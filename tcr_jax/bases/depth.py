@@ -17,11 +17,18 @@ from PIL import Image
 from tcr_jax import data
 from tcr_jax.model import evaluate, models, objectives
 from tcr_jax.reporting import references
-from tcr_jax.bases.base import BaseTask, png_bytes
+from tcr_jax.bases.base import (SEGMENTATION_WEIGHTS, BaseTask, base_objective,
+                                enhancement_objective, load_pretrained,
+                                png_bytes)
 from tcr_jax.errors import UserError
-from tcr_jax.tasks.checkpoint_io import load_into
 
 PyTree = Any
+
+# The depth head's pretrained networks (config.init): an ImageNet backbone
+# (the authors' start) or the whole head.
+DEPTH_WEIGHTS = (
+    ("depth_backbone", ("head", "backbone"), "mobilenet_v3_large"),
+    ("depth_head", ("head",), "lraspp_mobilenet_v3_large"))
 
 REFERENCE_NAMES = ("constant_disparity_rmse", "mean_disparity_rmse",
                    "mean_disparity_rmse_objects", "mean_image_psnr")
@@ -63,11 +70,7 @@ class Task(BaseTask):
         variables, batch["image"], train=train,
         rec_gate=objectives.reconstruction_gate(hp["beta"]),
         rngs={"noise": rng}, mutable=["batch_stats"])
-    terms = objectives.base_terms(out, batch)
-    metrics = {"loss": objectives.base_loss(terms, hp["alpha"], hp["beta"]),
-               **terms}
-    loss = objectives.base_training_loss(terms, hp["alpha"], hp["beta"])
-    return loss, (metrics, state.get("batch_stats", {}))
+    return base_objective(objectives.base_terms(out, batch), hp, state)
 
   def enhancement_loss_fn(self, model, base, variables, batch, rng, hp,
                           frozen, train: bool = True):
@@ -85,30 +88,17 @@ class Task(BaseTask):
                                     t.enhancement_rate_pixels)
     terms = objectives.enhancement_terms(lik_b, out["likelihoods"], distortion,
                                          pixels)
-    loss = objectives.enhancement_loss(terms, hp["alpha"], hp["base_rate"])
-    return loss, ({"loss": loss, **terms}, state.get("batch_stats", {}))
+    return enhancement_objective(terms, hp, state)
 
   def init_variables(self, base, enhancement, kind: str, key) -> PyTree:
     c = self.config
     x = jnp.zeros((1, c.data.height, c.data.width, 3), jnp.float32)
     if kind == "base":
-      variables = jax.jit(base.init)(key, x)
-      if c.init.depth_backbone:
-        variables = load_into(variables, ("head", "backbone"),
-                              c.init.depth_backbone, "mobilenet_v3_large")
-      if c.init.depth_head:
-        variables = load_into(variables, ("head",), c.init.depth_head,
-                              "lraspp_mobilenet_v3_large")
-      return variables
+      return load_pretrained(jax.jit(base.init)(key, x), c.init, DEPTH_WEIGHTS)
     y_b = jnp.zeros(base.latent_shape(c.data.height, c.data.width))
     variables = jax.jit(enhancement.init)(key, x, y_b)
     if c.task.enhancement == "segmentation":
-      if c.init.segmentation_backbone:
-        variables = load_into(variables, ("head", "backbone"),
-                              c.init.segmentation_backbone, "resnet50")
-      if c.init.segmentation_head:
-        variables = load_into(variables, ("head",), c.init.segmentation_head,
-                              "deeplabv3_resnet50")
+      variables = load_pretrained(variables, c.init, SEGMENTATION_WEIGHTS)
     return variables
 
   def evaluator(self, base, enhancement, loader, mesh):

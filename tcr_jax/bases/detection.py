@@ -32,14 +32,17 @@ from PIL import Image
 
 from tcr_jax import data
 from tcr_jax.model import coco_eval, evaluate, models_detection, objectives
-from tcr_jax.bases.base import BaseTask, png_bytes
+from tcr_jax.bases.base import (BaseTask, base_objective, enhancement_objective,
+                                load_pretrained, png_bytes)
 from tcr_jax.codec import bitstream, files
 from tcr_jax.data.detection import resized_size
 from tcr_jax.errors import UserError
-from tcr_jax.tasks.checkpoint_io import load_into
 from tcr_jax.tasks.faster_rcnn import trainable_mask
 
 PyTree = Any
+
+# The detector's pretrained weights (config.init): torchvision's COCO model.
+DETECTOR_WEIGHTS = (("detection_head", ("head",), "fasterrcnn_resnet50_fpn_v2"),)
 
 
 def _targets(batch) -> dict[str, jax.Array]:
@@ -57,11 +60,7 @@ def base_loss_fn(model, variables, batch, rng, hp, frozen=None,
       rec_gate=objectives.reconstruction_gate(hp["beta"]),
       targets=_targets(batch), rngs={"noise": noise, "sampler": sampler},
       mutable=["batch_stats"])
-  terms = objectives.detection_base_terms(out, batch)
-  metrics = {"loss": objectives.base_loss(terms, hp["alpha"], hp["beta"]),
-             **terms}
-  loss = objectives.base_training_loss(terms, hp["alpha"], hp["beta"])
-  return loss, (metrics, state.get("batch_stats", {}))
+  return base_objective(objectives.detection_base_terms(out, batch), hp, state)
 
 
 def enhancement_loss_fn(model, base, config, variables, batch, rng, hp,
@@ -76,8 +75,7 @@ def enhancement_loss_fn(model, base, config, variables, batch, rng, hp,
                            mutable=["batch_stats"])
   terms = objectives.detection_enhancement_terms(lik_b, out["likelihoods"],
                                                  out["x_hat"], batch)
-  loss = objectives.enhancement_loss(terms, hp["alpha"], hp["base_rate"])
-  return loss, ({"loss": loss, **terms}, state.get("batch_stats", {}))
+  return enhancement_objective(terms, hp, state)
 
 
 def freeze_detector(tx, trainable_backbone_layers: int = 3):
@@ -101,11 +99,8 @@ def init_variables(base, enhancement, config, kind: str, key) -> PyTree:
   convolutional, so a 64x64 input shapes them."""
   x = jnp.zeros((1, 64, 64, 3), jnp.float32)
   if kind == "base":
-    variables = jax.jit(base.init)(key, x)
-    if config.init.detection_head:
-      variables = load_into(variables, ("head",), config.init.detection_head,
-                            "fasterrcnn_resnet50_fpn_v2")
-    return variables
+    return load_pretrained(jax.jit(base.init)(key, x), config.init,
+                           DETECTOR_WEIGHTS)
   y_b = jnp.zeros(base.latent_shape(64, 64))
   return jax.jit(enhancement.init)(key, x, y_b)
 
