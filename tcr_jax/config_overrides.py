@@ -20,8 +20,8 @@ from ml_collections import config_dict, config_flags
 from ml_collections.config_flags import config_flags as ml_config_flags
 from ml_collections.config_flags import config_path
 
-from tcr_jax.errors import UserError
 from tcr_jax import configs_lib
+from tcr_jax.errors import UserError
 
 
 def override_keys(argv: Sequence[str], name: str = "config") -> list[str]:

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from tcr_jax import configs_lib
-from tcr_jax.training import train
-from tcr_jax.tasks import checkpoint_io
 from tcr_jax.codec import entropy
 from tcr_jax.errors import UserError
+from tcr_jax.tasks import checkpoint_io
+from tcr_jax.training import train
 
 try:  # before JAX runs anything: a late torchvision import can crash
   import torch

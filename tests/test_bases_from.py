@@ -6,8 +6,8 @@ import os
 import pytest
 
 from tcr_jax import checkpoints
-from tcr_jax.training import sweep
 from tcr_jax.errors import UserError
+from tcr_jax.training import sweep
 
 
 def _fake_sweep(path, config, stages=("base_baseline_alpha0.05", "base_proposal_alpha0.05",

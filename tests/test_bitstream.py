@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from tcr_jax.bench import codec as bench_codec
-from tcr_jax.model import models
 from tcr_jax.codec import bitstream, files
 from tcr_jax.codec.bitstream import BitstreamError
 from tcr_jax.errors import UserError
+from tcr_jax.model import models
 
 FP = bytes(range(8))
 TINY = dict(latent_channels=8, widths=(4, 6, 8), blocks=1, hyper_channels=4)

@@ -5,8 +5,8 @@ import io
 import numpy as np
 import pytest
 
-from tcr_jax.model import coco_eval
 from tcr_jax.data import detection
+from tcr_jax.model import coco_eval
 
 
 def _batch(seed=0, n=3, canvas=(96, 160)):

@@ -7,8 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from tcr_jax.model import models
 from tcr_jax.codec import entropy, entropy_models, layers, ops, transforms
+from tcr_jax.model import models
 
 TINY = dict(latent_channels=8, widths=(4, 6, 8), blocks=1)
 

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from tcr_jax import checkpoints, cli
+from tcr_jax.data.synthetic import SyntheticScenes
 from tcr_jax.tools import compression
 from tcr_jax.training import train
-from tcr_jax.data.synthetic import SyntheticScenes
 
 
 @pytest.fixture(scope="module")

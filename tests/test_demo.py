@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from tcr_jax import bases, checkpoints, configs_lib
-from tcr_jax.reporting import rd, references
-from tcr_jax.training import sweep, train
 from tcr_jax.data import labels as label_ids
 from tcr_jax.errors import UserError
+from tcr_jax.reporting import rd, references
+from tcr_jax.training import sweep, train
 
 
 class _Scenes:

@@ -13,8 +13,8 @@ import pytest
 
 from tcr_jax.tasks import FasterRCNN, trainable_mask, torchvision_import as ti
 from tcr_jax.tasks.faster_rcnn import freeze_untrainable
-from tcr_jax.tasks.roi_heads import MaskedBatchNorm
 from tcr_jax.tasks.layers import BatchNorm
+from tcr_jax.tasks.roi_heads import MaskedBatchNorm
 
 H, W = 128, 192
 # Small proposal and sample counts keep the box head cheap on a CPU.

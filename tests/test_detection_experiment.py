@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from tcr_jax import bases
+from tcr_jax.codec import entropy
 from tcr_jax.model import canvas, models_detection, objectives
 from tcr_jax.tools import compression
 from tcr_jax.training import sweep
-from tcr_jax.codec import entropy
 
 from conftest import assert_same_records, run_killed_then_resumed
 

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tcr_jax.model import models, objectives
 from tcr_jax.bases import depth
+from tcr_jax.model import models, objectives
 
 KW = dict(latent_channels=8, widths=(4, 6, 8), analysis_blocks=1,
           task_blocks=1, recon_blocks=1)

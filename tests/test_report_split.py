@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from tcr_jax import checkpoints, configs_lib
-from tcr_jax.training import train
 from tcr_jax.data.loader import Loader
 from tcr_jax.data.synthetic import SyntheticScenes
 from tcr_jax.errors import UserError
+from tcr_jax.training import train
 
 
 def test_test_scenes_are_neither_training_nor_validation_scenes():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from tcr_jax import cli, configs_lib
-from tcr_jax.training import sweep
 from tcr_jax.errors import UserError
+from tcr_jax.training import sweep
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

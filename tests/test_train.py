@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from tcr_jax import checkpoints
-from tcr_jax.tools import compression
-from tcr_jax.training import sweep, train
 from tcr_jax.codec import files
 from tcr_jax.errors import UserError
+from tcr_jax.tools import compression
+from tcr_jax.training import sweep, train
 
 from conftest import assert_same_records, run_killed_then_resumed
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import importlib
 
+from tcr_jax.bases import depth
 from tcr_jax.bases.base import BaseTask
 from tcr_jax.errors import UserError
-from tcr_jax.bases import depth
 
 # The built-in names and their modules (imported when a config names them).
 BUILT_IN = {"depth": "tcr_jax.bases.depth",

@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tcr_jax.model import models
 from tcr_jax.codec import files, latent_coding
+from tcr_jax.model import models
 
 PAPER = dict(latent_channels=192, widths=(24, 48, 192), blocks=3)
 

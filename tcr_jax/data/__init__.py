@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from tcr_jax.errors import UserError
-from tcr_jax.data.detection import SyntheticDetection
-from tcr_jax.data.synthetic import SyntheticScenes
 from tcr_jax.data.coco import CocoDetection
+from tcr_jax.data.detection import SyntheticDetection
 from tcr_jax.data.pipeline import TfdsBatches
+from tcr_jax.data.synthetic import SyntheticScenes
+from tcr_jax.errors import UserError
 
 
 class SceneBatches:

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import os
 
-from tcr_jax.errors import UserError
 from tcr_jax.data import cityscapes, coco
 from tcr_jax.data.pipeline import hidden_gpu_tf
+from tcr_jax.errors import UserError
 
 DATASETS = ("cityscapes", "coco")
 COCO_URL = "https://cocodataset.org/#download"

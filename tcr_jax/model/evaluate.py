@@ -29,11 +29,11 @@ import numpy as np
 from clu import metrics
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tcr_jax.model import objectives
 from tcr_jax.codec import entropy
-from tcr_jax.data import labels as label_ids
-from tcr_jax.tasks import losses
 from tcr_jax.codec import bitstream, files
+from tcr_jax.data import labels as label_ids
+from tcr_jax.model import objectives
+from tcr_jax.tasks import losses
 
 PyTree = Any
 

@@ -33,8 +33,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tcr_jax.model import canvas
 from tcr_jax.codec import entropy_models, layers, ops, transforms
+from tcr_jax.model import canvas
 from tcr_jax.tasks.deeplabv3 import DeepLabV3ResNet50
 from tcr_jax.tasks.layers import resize_bilinear
 from tcr_jax.tasks.lraspp import LRASPPMobileNetV3

@@ -29,8 +29,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tcr_jax.model.canvas import MULTIPLE, denormalize, full_sizes, normalize_canvas
 from tcr_jax.codec import entropy_models, transforms
+from tcr_jax.model.canvas import MULTIPLE, denormalize, full_sizes, normalize_canvas
 from tcr_jax.model.models import entropy_variables, gate_gradient
 from tcr_jax.tasks import FasterRCNN
 

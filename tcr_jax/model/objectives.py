@@ -48,8 +48,8 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-from tcr_jax.model.canvas import inside_mask
 from tcr_jax.codec import entropy
+from tcr_jax.model.canvas import inside_mask
 from tcr_jax.tasks import losses
 from tcr_jax.tasks.faster_rcnn import IMAGENET_STD
 

@@ -20,8 +20,8 @@ import math
 import os
 from typing import Sequence
 
-from tcr_jax.reporting import poster, rd
 from tcr_jax.errors import UserError
+from tcr_jax.reporting import poster, rd
 
 # The demo's targets (README: what the demo shows): the proposal's
 # reconstruction from the base this far above the mean image, and its

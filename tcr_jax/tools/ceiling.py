@@ -28,11 +28,11 @@ import numpy as np
 import optax
 
 from tcr_jax import bases, checkpoints
-from tcr_jax.reporting import rd
 from tcr_jax.codec import layers, ops
 from tcr_jax.data import labels as label_ids
 from tcr_jax.data.loader import Loader
 from tcr_jax.errors import UserError
+from tcr_jax.reporting import rd
 from tcr_jax.tasks import LRASPPMobileNetV3, losses
 
 RESULT = rd.CEILING

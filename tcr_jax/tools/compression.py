@@ -30,8 +30,8 @@ import tempfile
 import numpy as np
 
 from tcr_jax import bases, checkpoints
-from tcr_jax.errors import UserError
 from tcr_jax.codec import bitstream, entropy, files
+from tcr_jax.errors import UserError
 
 MIN_SIDE = 32  # one latent cell of the base layer
 

@@ -24,8 +24,8 @@ import time
 import numpy as np
 
 from tcr_jax import bases, checkpoints
-from tcr_jax.tools import compression, v_information
 from tcr_jax.errors import UserError
+from tcr_jax.tools import compression, v_information
 
 RESULTS = "v_information.json"
 TARGETS = ("image", "disparity", "labels")

@@ -50,8 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tcr_jax import bases, checkpoints
-from tcr_jax.tools import compression
 from tcr_jax.errors import UserError
+from tcr_jax.tools import compression
 
 SAVING_THRESHOLD = 0.05   # a channel saving less than this is "stuck"
 ACTIVE_BITS = 0.02        # bits per element (without side) to count a channel

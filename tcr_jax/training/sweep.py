@@ -38,11 +38,11 @@ import ml_collections
 import numpy as np
 
 from tcr_jax import bases, checkpoints
-from tcr_jax.training import train
 from tcr_jax import configs_lib
 from tcr_jax.errors import UserError
 from tcr_jax.reporting import poster, rd
 from tcr_jax.reporting import previews as drawing
+from tcr_jax.training import train
 
 
 def stage_name(kind: str, method: str, alpha: float) -> str:

@@ -37,10 +37,10 @@ from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tcr_jax import bases, checkpoints
-from tcr_jax.training import sharding
 from tcr_jax.data import loader as loader_lib
 from tcr_jax.data import sampler
 from tcr_jax.errors import UserError
+from tcr_jax.training import sharding
 
 PyTree = Any
 
