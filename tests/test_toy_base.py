@@ -38,6 +38,8 @@ def test_a_toy_base_task_runs_a_sweep_and_codes_files(tmp_path):
   assert base[0]["bpp_actual_base"] > 0
   with open(os.path.join(workdir, "results.json")) as f:
     assert json.load(f) == records
+  # The toy draws its own previews.
+  assert os.listdir(os.path.join(workdir, "previews")) == ["alpha0.05_proposal.png"]
   # The evaluator was the toy's: its loss is L_b with the toy's D_b.
   done = json.load(open(os.path.join(workdir, "stages",
                                      "base_proposal_alpha0.05", "done.json")))

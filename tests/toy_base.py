@@ -20,6 +20,7 @@ from tcr_jax.bases.base import (BaseTask, base_objective, enhancement_objective,
                                 png_bytes)
 from tcr_jax.codec import entropy
 from tcr_jax.data import labels as label_ids
+from tcr_jax.reporting import previews
 
 
 def _object_logits(out):
@@ -126,6 +127,9 @@ class Task(BaseTask):
 
   def evaluator(self, base, enhancement, loader, mesh):
     return ToyEvaluator(self.config, base, enhancement, loader, mesh)
+
+  def save_preview(self, path, base_out, enh_out):
+    previews.save_preview(path, base_out, enh_out, "reconstruction")
 
   def decoded_files(self, out):
     mask = (np.asarray(out["disparity"])[0] > 0).astype(np.uint8) * 255

@@ -19,6 +19,7 @@ the benchmark) call these methods and never ask which task it is:
   evaluator(...)            its evaluation (tcr_jax/model/evaluate.py's Evaluator
                             or a subclass)
   initial_weights_note()    which task networks start from random weights
+  save_preview(...)         a preview image of the evaluator's kept outputs
   trivial_references(...)   the trivial references of results.json
   coded_input(rgb), decoded_files(out)
                             `tcr-jax compress` / `decompress`: the image the
@@ -89,6 +90,10 @@ class BaseTask:
 
   def trivial_references(self, loader, eval_images: int) -> dict:
     """{name: value or None} for each of reference_names."""
+    raise NotImplementedError
+
+  def save_preview(self, path: str, base_out: dict, enh_out: dict) -> None:
+    """Draws the outputs kept by the evaluator (previews/*.png)."""
     raise NotImplementedError
 
   def coded_input(self, rgb: np.ndarray) -> np.ndarray:

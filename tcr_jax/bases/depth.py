@@ -15,12 +15,12 @@ import numpy as np
 from PIL import Image
 
 from tcr_jax import data
-from tcr_jax.model import evaluate, models, objectives
-from tcr_jax.reporting import references
 from tcr_jax.bases.base import (SEGMENTATION_WEIGHTS, BaseTask, base_objective,
                                 enhancement_objective, load_pretrained,
                                 png_bytes)
 from tcr_jax.errors import UserError
+from tcr_jax.model import evaluate, models, objectives
+from tcr_jax.reporting import previews, references
 
 PyTree = Any
 
@@ -124,6 +124,9 @@ class Task(BaseTask):
     return references.trivial_references(
         loader.train_data, loader.report_data,
         self.config.eval.get("reference_train_images", 0), eval_images)
+
+  def save_preview(self, path: str, base_out: dict, enh_out: dict) -> None:
+    previews.save_preview(path, base_out, enh_out, self.config.task.enhancement)
 
   def decoded_files(self, out: dict) -> dict[str, bytes]:
     """disparity.png (Cityscapes' 16-bit encoding), reconstruction.png

@@ -31,12 +31,13 @@ import optax
 from PIL import Image
 
 from tcr_jax import data
-from tcr_jax.model import coco_eval, evaluate, models_detection, objectives
 from tcr_jax.bases.base import (BaseTask, base_objective, enhancement_objective,
                                 load_pretrained, png_bytes)
 from tcr_jax.codec import bitstream, files
 from tcr_jax.data.detection import resized_size
 from tcr_jax.errors import UserError
+from tcr_jax.model import coco_eval, evaluate, models_detection, objectives
+from tcr_jax.reporting import previews
 from tcr_jax.tasks.faster_rcnn import trainable_mask
 
 PyTree = Any
@@ -316,6 +317,9 @@ class Task(BaseTask):
               "start from torchvision's COCO weights (config.init."
               "detection_head; README: tcr-jax import-torchvision)")
     return None
+
+  def save_preview(self, path: str, base_out: dict, enh_out: dict) -> None:
+    previews.save_detection_preview(path, base_out, enh_out)
 
   def coded_input(self, rgb: np.ndarray) -> np.ndarray:
     return detection_input(self.config, rgb)

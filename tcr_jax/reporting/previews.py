@@ -10,15 +10,14 @@ from __future__ import annotations
 import os
 
 import numpy as np
+
 from tcr_jax.data.labels import CITYSCAPES_PALETTE
 
 
 def save_preview(path: str, base_out: dict, enh_out: dict, task: str) -> None:
   """Rows of: input, ground-truth disparity, predicted disparity (same colour
-  scale), reconstruction read off the base, enhancement (detection outputs:
-  save_detection_preview)."""
-  if "det_boxes" in base_out:
-    return save_detection_preview(path, base_out, enh_out)
+  scale), reconstruction read off the base, enhancement (the depth task's
+  previews; the detection task's: save_detection_preview)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt

@@ -41,7 +41,6 @@ from tcr_jax import bases, checkpoints
 from tcr_jax import configs_lib
 from tcr_jax.errors import UserError
 from tcr_jax.reporting import poster, rd
-from tcr_jax.reporting import previews as drawing
 from tcr_jax.training import train
 
 
@@ -214,7 +213,7 @@ def _write_previews(exp: train.Experiment, previews) -> None:
     _, base_out = exp.evaluator.evaluate(bstage, bvars, n, keep_outputs=n, split=split)
     _, enh_out = exp.evaluator.evaluate(estage, evars, n, keep_outputs=n, split=split)
     if jax.process_index() == 0:
-      drawing.save_preview(path, base_out, enh_out, exp.config.task.enhancement)
+      exp.task.save_preview(path, base_out, enh_out)
 
 
 # The config fields that shape a depth sweep's base stages (their names,
