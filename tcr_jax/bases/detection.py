@@ -34,7 +34,7 @@ from tcr_jax import data
 from tcr_jax.bases.base import (BaseTask, base_objective, enhancement_objective,
                                 load_pretrained, png_bytes)
 from tcr_jax.codec import bitstream, files
-from tcr_jax.data.detection import resized_size
+from tcr_jax.data.detection import random_batch, resized_size
 from tcr_jax.errors import UserError
 from tcr_jax.model import coco_eval, evaluate, models_detection, objectives
 from tcr_jax.reporting import previews
@@ -328,18 +328,10 @@ class Task(BaseTask):
     return detection_files(out)
 
   def bench_batch(self, batch: int, height: int, width: int):
-    rng = np.random.RandomState(0)
-    rng.rand(batch, height, width, 3)  # bench_detection's draws: the same boxes
-    xy = rng.uniform(0, 0.7, (batch, BENCH_BOXES, 2)) * [width, height]
-    wh = rng.uniform(0.05, 0.3, (batch, BENCH_BOXES, 2)) * [width, height]
-    boxes = np.concatenate([xy, np.minimum(xy + wh, [width, height])], -1)
-    labels = rng.randint(1, 91, (batch, BENCH_BOXES)).astype(np.int32)
+    _, boxes, labels = random_batch(batch, height, width)
     x = jax.random.uniform(jax.random.key(0), (batch, height, width, 3))
     sizes = jnp.tile(jnp.array([[height, width]], jnp.int32), (batch, 1))
     return ({"image": x, "image_size": sizes,
-             "boxes": jnp.asarray(boxes, jnp.float32),
+             "boxes": jnp.asarray(boxes),
              "labels": jnp.asarray(labels), "box_mask": jnp.ones(labels.shape, bool)},
             x[:1, :64, :64])
-
-
-BENCH_BOXES = 8  # ground-truth boxes per image of the benchmark's batches

@@ -22,20 +22,9 @@ from __future__ import annotations
 import argparse
 import time
 from typing import Any, Sequence
+
+from tcr_jax.data.detection import random_batch
 from tcr_jax.tasks import faster_rcnn, init_variables
-
-NUM_GT = 8
-
-
-def _synthetic(batch: int, height: int, width: int, seed: int = 0):
-  import numpy as np
-  rng = np.random.RandomState(seed)
-  images = rng.rand(batch, height, width, 3).astype(np.float32)
-  xy = rng.uniform(0, 0.7, (batch, NUM_GT, 2)) * [width, height]
-  wh = rng.uniform(0.05, 0.3, (batch, NUM_GT, 2)) * [width, height]
-  boxes = np.concatenate([xy, np.minimum(xy + wh, [width, height])], -1)
-  labels = rng.randint(1, 91, (batch, NUM_GT))
-  return images, boxes.astype(np.float32), labels.astype(np.int32)
 
 
 def _peak_gib():
@@ -73,7 +62,7 @@ def run_jax(batch: int, height: int, width: int, steps: int, warmup: int = 1,
   import optax
   model = faster_rcnn.FasterRCNN(**(overrides or {}))
   variables = init_variables(model)
-  images, boxes, labels = _synthetic(batch, height, width)
+  images, boxes, labels = random_batch(batch, height, width)
   targets = {"boxes": jnp.asarray(boxes), "labels": jnp.asarray(labels),
              "mask": jnp.ones(labels.shape, bool)}
   x = jnp.asarray(images)
@@ -134,7 +123,7 @@ def run_torch(batch: int, height: int, width: int, steps: int,
   for name, p in model.backbone.body.named_parameters():
     if name.startswith(("conv1", "bn1", "layer1")):
       p.requires_grad_(False)  # torchvision's default with pretrained weights
-  images, boxes, labels = _synthetic(batch, height, width)
+  images, boxes, labels = random_batch(batch, height, width)
   x = [torch.from_numpy(im.transpose(2, 0, 1)).to(dev) for im in images]
   targets = [{"boxes": torch.from_numpy(b).to(dev),
               "labels": torch.from_numpy(l).long().to(dev)}

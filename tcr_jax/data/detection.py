@@ -150,3 +150,16 @@ class SyntheticDetection:
                                 np.zeros(n, bool), self.canvas, self.max_boxes,
                                 image_id=int(i)))
     return stack(examples)
+
+
+def random_batch(batch: int, height: int, width: int, num_boxes: int = 8,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(images, boxes x1 y1 x2 y2, COCO labels) of random content: the
+  benchmarks' detection batches (python -m tcr_jax.bench)."""
+  rng = np.random.RandomState(seed)
+  images = rng.rand(batch, height, width, 3).astype(np.float32)
+  xy = rng.uniform(0, 0.7, (batch, num_boxes, 2)) * [width, height]
+  wh = rng.uniform(0.05, 0.3, (batch, num_boxes, 2)) * [width, height]
+  boxes = np.concatenate([xy, np.minimum(xy + wh, [width, height])], -1)
+  labels = rng.randint(1, 91, (batch, num_boxes))
+  return images, boxes.astype(np.float32), labels.astype(np.int32)

@@ -23,8 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from tcr_jax.errors import UserError
-from tcr_jax.tasks import (deeplabv3, faster_rcnn, lraspp, mobilenetv3, resnet,
-                           torchvision_import as ti)
+from tcr_jax.tasks import torchvision_import as ti
 
 CHECKPOINT_META = "tcr_jax_task.json"
 
@@ -116,21 +115,13 @@ def load_checkpoint(output_dir: str) -> tuple[nn.Module, dict[str, Any]]:
                                             ti.abstract_variables(module))
 
 
-# The module class each architecture's checkpoint holds.
-_ARCH_CLASSES = {"mobilenet_v3_large": mobilenetv3.MobileNetV3Large,
-                 "resnet50": resnet.ResNet50,
-                 "lraspp_mobilenet_v3_large": lraspp.LRASPPMobileNetV3,
-                 "deeplabv3_resnet50": deeplabv3.DeepLabV3ResNet50,
-                 "fasterrcnn_resnet50_fpn_v2": faster_rcnn.FasterRCNN}
-
-
 def load_into(variables, where: tuple[str, ...], path: str, arch: str):
   """Puts the variables of a `tcr-jax import-torchvision` checkpoint of
   `arch` at `where` (e.g. ("head", "backbone")) in a model's variables;
   returns the new tree (UserError if the checkpoint holds another
   architecture or does not fit)."""
   module, loaded = load_checkpoint(path)
-  if type(module) is not _ARCH_CLASSES[arch]:
+  if type(module) is not type(ti.build_module(arch, 1)):
     raise UserError(f"{path}: holds a {type(module).__name__}, this slot takes "
                     f"{arch} (tcr-jax import-torchvision --arch {arch})")
   out = jax.tree.map(lambda a: a, variables)  # a copy of the containers
