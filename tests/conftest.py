@@ -36,25 +36,30 @@ def make_smoke_config(experiment: str = "depth_recon", **overrides):
   return config
 
 
-# The test files that take longest (seconds on two cores, a fresh clone's
-# `make test`, 2026-12-07), first. `make test` runs the files on two
-# pytest-xdist workers in the order collected (--dist loadfile
+# The test files that take longest (seconds of one worker, a fresh clone's
+# `make test` on two cores, 2026-12-07), first. `make test` runs the files on
+# two pytest-xdist workers in the order collected (--dist loadfile
 # --no-loadscope-reorder): longest first, no worker ends the run alone on a
-# long file while the other idles. The rest follow in their usual order.
+# long file while the other idles. test_train.py's :smoke sweep compiles the
+# programs that the notebooks and the sweeps of later files load from the
+# persistent cache. The rest follow in their usual order.
 LONGEST_FIRST = (
-    "test_train.py",                 # 370
-    "test_detection_experiment.py",  # 253
-    "test_notebooks.py",             # 290
-    "test_demo.py",                  # 208
-    "test_codec.py",                 # 116
-    "test_coding.py",                # 100
-    "test_detection.py",             # 76
-    "test_compression.py",           # 74
-    "test_objectives.py",            # 64
-    "test_ceiling.py",               # 50
-    "test_parity_torchvision.py",    # 49
-    "test_bench.py",                 # 47
-    "test_detection_parity.py",      # 46
+    "test_train.py",                 # 420
+    "test_multiprocess.py",          # 490 alone, before 2026-12-07
+    "test_detection_experiment.py",  # 300
+    "test_notebooks.py",             # 320
+    "test_demo.py",                  # 145
+    "test_codec.py",                 # 100
+    "test_coding.py",                # 90
+    "test_toy_base.py",              # 80
+    "test_compression.py",           # 80
+    "test_detection.py",             # 80
+    "test_ceiling.py",               # 72
+    "test_objectives.py",            # 68
+    "test_parity_torchvision.py",    # 57
+    "test_bench.py",                 # 50
+    "test_tasks.py",                 # 48
+    "test_detection_parity.py",      # 47
 )
 
 

@@ -126,13 +126,14 @@ def test_second_call_retrains_nothing(smoke_run, capsys, configs):
 
 def test_loss_decreases_over_a_few_steps(tmp_path, configs):
   config = configs.smoke(**{"data.hflip": False, "data.color_jitter": 0.0})
-  exp = train.Experiment(config, str(tmp_path), devices=jax.devices()[:1])
+  # All 4 devices, as the sweeps of this file: the same compiled step.
+  exp = train.Experiment(config, str(tmp_path))
   # beta 1: the reconstruction reward dominates, so the objective falls
   # smoothly; the tiny depth path (a 1x2 latent) jumps as latents re-round.
   stage = train.Stage("probe", "base", 8, {"alpha": 0.05, "beta": 1.0})
   state = exp.create_train_state(stage)
   batch = exp.loader.train_batch(stage.name, 0)
-  hp = {k: np.float32(v) for k, v in stage.hp.items()}
+  hp = train.step_hp(stage)  # as the sweep's stages: the same compiled step
   step = exp.train_step("base")
   losses, rec = [], []
   for _ in range(15):

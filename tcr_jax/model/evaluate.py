@@ -219,7 +219,9 @@ class Evaluator:
     first `keep_outputs` of them (previews). A collective: every process
     calls it, each reading its share of the images."""
     fn = self.eval_fn(stage.kind)
-    hp = {k: jnp.float32(v) for k, v in stage.hp.items()}
+    # Without the training-only lr_scale: one compiled evaluation for every
+    # stage of a kind, fine-tunes included.
+    hp = {k: jnp.float32(v) for k, v in stage.hp.items() if k != "lr_scale"}
     total = None
     kept: dict[str, list] = {}
     collector = self.host_collector(stage)
@@ -240,15 +242,16 @@ class Evaluator:
     """Real file sizes: the first eval.actual_bits_images images of the
     report split (config.eval.split)
     compressed with the range coder, in bits per full-resolution pixel; the
-    base stream counts the container header. Process 0 codes (on its own
-    devices, from host copies of the replicated variables) and every
-    process receives the figures."""
+    base stream counts the container header. Every process codes the same
+    images (on its own devices, from host copies of the replicated
+    variables), so none waits in the next collective while another codes
+    (gloo gives up after 30 s); process 0's figure is the one kept."""
     from jax.experimental import multihost_utils
     n = min(self.config.eval.actual_bits_images,
             self.config.data.eval_images, len(self.loader.report_data))
     if n <= 0:
       return {}
-    bpp = self._actual_bpp(stage, variables, n) if jax.process_index() == 0 else 0.0
+    bpp = self._actual_bpp(stage, variables, n)
     if jax.process_count() > 1:
       bpp = float(multihost_utils.broadcast_one_to_all(np.float64(bpp)))
     key = "bpp_actual_base" if stage.kind == "base" else "bpp_actual_enhancement"

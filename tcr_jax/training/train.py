@@ -125,6 +125,15 @@ def train_step(state: TrainState, batch, hp, frozen, *, loss_fn: Callable,
   return state, metrics
 
 
+def step_hp(stage: Stage) -> dict:
+  """The hyperparameters train_step gets for `stage`: its hp, its length
+  ("steps"), and lr_scale always (1 unless a fine-tune sets it), so every
+  stage of a kind has the same structure and one compiled step serves them
+  all (x * 1.0 is x: the numbers are the same)."""
+  return {k: jnp.float32(v) for k, v in
+          {"lr_scale": 1.0, **stage.hp, "steps": stage.steps}.items()}
+
+
 def optimizer(config, kind: str, trainable: str = "all", task=None
               ) -> optax.GradientTransformation:
   """Adam (with the kind's gradient clipping; the base task's frozen parts,
@@ -298,8 +307,7 @@ def _train(exp: Experiment, stage: Stage, state: TrainState, mngr, writer
                                              writer=writer,
                                              every_steps=t.log_every)
   step_fn = exp.train_step(stage.kind, stage.trainable)
-  hp = jax.device_put({k: jnp.float32(v) for k, v in
-                       {**stage.hp, "steps": stage.steps}.items()}, exp.replicated)
+  hp = jax.device_put(step_hp(stage), exp.replicated)
   eval_count = min(t.eval_images_during_training, exp.eval_images)
   t0, s0 = time.perf_counter(), int(state.step)
   if stopped(s0):
