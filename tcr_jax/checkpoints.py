@@ -161,3 +161,16 @@ def write_json(path: str, obj) -> None:
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2)
   os.replace(tmp, path)
+
+
+def wait_for_all_processes(name: str, timeout_s: int = 1800) -> None:
+  """With several processes, each waits here until all have arrived: the
+  coordination service's barrier (orbax's multihost), with a long timeout,
+  not a collective. Called where one process may arrive much later than
+  another (each compiled its own programs, coded files, drew a preview):
+  gloo gives up on a late peer after 30 s, which a busy machine exceeds.
+  `name` must be new in the job."""
+  if jax.process_count() > 1:
+    ocp.multihost.sync_global_processes(
+        f"tcr_jax: {name}", timeout=timeout_s,
+        processes=set(range(jax.process_count())))

@@ -136,19 +136,7 @@ def start_jax(args: dict | None, heartbeat_timeout: int):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**args,
                                heartbeat_timeout_seconds=heartbeat_timeout)
-    if jax.default_backend() == "cpu":
-      share_compiled_programs(jax)
   return jax
-
-
-def share_compiled_programs(jax) -> None:
-  """CPU processes (one machine, launch/local.sh): process 0 compiles each
-  program and the others load it from the coordinator instead of compiling
-  it too. Half the compiling on two processes; and the processes reach
-  each collective together, where separate compiles on a busy machine can
-  leave one waiting past gloo's 30 s. Needs the persistent compilation
-  cache (its key names the program); without it each process compiles."""
-  jax.config.update("jax_share_binary_between_hosts", True)
 
 
 def use_compilation_cache(jax) -> None:

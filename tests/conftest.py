@@ -45,7 +45,6 @@ def make_smoke_config(experiment: str = "depth_recon", **overrides):
 # persistent cache. The rest follow in their usual order.
 LONGEST_FIRST = (
     "test_train.py",                 # 420
-    "test_multiprocess.py",          # 490 alone, before 2026-12-07
     "test_detection_experiment.py",  # 300
     "test_notebooks.py",             # 320
     "test_demo.py",                  # 145

@@ -24,6 +24,7 @@ def _config(**overrides):
   return c
 
 
+@pytest.mark.slow  # a sweep end to end
 def test_a_toy_base_task_runs_a_sweep_and_codes_files(tmp_path):
   workdir = str(tmp_path / "w")
   records = sweep.train_and_evaluate(_config(), workdir)

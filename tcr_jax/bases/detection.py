@@ -194,11 +194,10 @@ class DetectionEvaluator(evaluate.Evaluator):
   def actual_rates(self, stage, variables: PyTree) -> dict:
     """Real files of the first eval.actual_bits_images report-split images,
     each coded alone at its resized size (not the canvas), in bits per
-    resized pixel; the base stream counts the container header. Every
-    process codes them, as the depth task's (model/evaluate.py says why)."""
+    resized pixel; the base stream counts the container header."""
     n = min(self.config.eval.actual_bits_images,
             self.config.data.eval_images, len(self.loader.report_data))
-    if n <= 0:
+    if n <= 0 or jax.process_index() != 0:
       return {}
     bpp = []
     for i in range(n):

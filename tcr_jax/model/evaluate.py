@@ -29,6 +29,7 @@ import numpy as np
 from clu import metrics
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from tcr_jax import checkpoints
 from tcr_jax.codec import entropy
 from tcr_jax.codec import bitstream, files
 from tcr_jax.data import labels as label_ids
@@ -242,16 +243,16 @@ class Evaluator:
     """Real file sizes: the first eval.actual_bits_images images of the
     report split (config.eval.split)
     compressed with the range coder, in bits per full-resolution pixel; the
-    base stream counts the container header. Every process codes the same
-    images (on its own devices, from host copies of the replicated
-    variables), so none waits in the next collective while another codes
-    (gloo gives up after 30 s); process 0's figure is the one kept."""
+    base stream counts the container header. Process 0 codes (on its own
+    devices, from host copies of the replicated variables) while the others
+    wait at a barrier, and every process receives the figures."""
     from jax.experimental import multihost_utils
     n = min(self.config.eval.actual_bits_images,
             self.config.data.eval_images, len(self.loader.report_data))
     if n <= 0:
       return {}
-    bpp = self._actual_bpp(stage, variables, n)
+    bpp = self._actual_bpp(stage, variables, n) if jax.process_index() == 0 else 0.0
+    checkpoints.wait_for_all_processes(f"{stage.name} actual rates")
     if jax.process_count() > 1:
       bpp = float(multihost_utils.broadcast_one_to_all(np.float64(bpp)))
     key = "bpp_actual_base" if stage.kind == "base" else "bpp_actual_enhancement"

@@ -196,6 +196,7 @@ def reference_record(c, exp: train.Experiment) -> dict | None:
     refs = exp.task.trivial_references(exp.loader, exp.eval_images)
     values = np.array([np.nan if refs[n] is None else refs[n] for n in names],
                       np.float32)
+  checkpoints.wait_for_all_processes("trivial references")
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     values = np.asarray(multihost_utils.broadcast_one_to_all(values))
@@ -210,6 +211,8 @@ def _write_previews(exp: train.Experiment, previews) -> None:
   for alpha, method, bstage, bvars, estage, evars in previews:
     path = os.path.join(exp.workdir, "previews", f"alpha{alpha:g}_{method}.png")
     split = exp.loader.report_split
+    # Process 0 drew the last preview while the others went on.
+    checkpoints.wait_for_all_processes(f"preview alpha{alpha:g} {method}")
     _, base_out = exp.evaluator.evaluate(bstage, bvars, n, keep_outputs=n, split=split)
     _, enh_out = exp.evaluator.evaluate(estage, evars, n, keep_outputs=n, split=split)
     if jax.process_index() == 0:

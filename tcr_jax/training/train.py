@@ -245,6 +245,8 @@ def run_stage(exp: Experiment, stage: Stage, writer_factory
   """Trains (or resumes, or skips) a stage; returns (variables, metrics)."""
   stage_dir = os.path.join(exp.workdir, "stages", stage.name)
   state = exp.create_train_state(stage)
+  # Each process compiled its own initialiser; the collectives start here.
+  checkpoints.wait_for_all_processes(f"{stage.name} start")
   variables_template, train_template = state.split()
   done = checkpoints.read_done(stage_dir)
   mngr = checkpoints.manager(stage_dir, async_save=done is None)
@@ -266,6 +268,7 @@ def run_stage(exp: Experiment, stage: Stage, writer_factory
     mngr.wait_until_finished()
     result = checkpoints.result_step(mngr)
     variables = checkpoints.restore_variables(mngr, variables_template)
+  checkpoints.wait_for_all_processes(f"{stage.name} evaluate")
   metrics, _ = exp.evaluator.evaluate(stage, variables, exp.eval_images,
                                       split=exp.loader.report_split)
   metrics.update(exp.evaluator.actual_rates(stage, variables))
