@@ -322,6 +322,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if width != 1 and (c.init.get("segmentation_backbone") or c.init.get("segmentation_head")):
     raise UserError("torchvision's segmentation weights (config.init.segmentation_*) "
                     "need config.task.segmentation_width=1")
+  detector = c.task.get("detector") or {}
+  width = detector.get("width", 1.0)
+  if not (isinstance(width, (int, float)) and 0 < width <= 1):
+    raise UserError(f"config.task.detector.width={width!r}; expected a number in (0, 1]")
+  if width != 1 and c.init.get("detection_head"):
+    raise UserError("torchvision's detection weights (config.init.detection_head) "
+                    "need config.task.detector.width=1")
   if c.train.get("warmup_steps", 0) < 0:
     raise UserError("config.train.warmup_steps must be >= 0 (0: no warm-up)")
   if (c.train.get("base_pretrain_steps", 0) < 0

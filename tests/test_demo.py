@@ -118,10 +118,11 @@ def test_negative_warmup_is_a_one_line_error(configs):
 
 
 def test_schedule_scales_the_update():
-  """A plain-SGD state: the step taken is lr * scale * grad."""
+  """A unit-step SGD state: the step taken is hp's learning_rate * scale *
+  grad."""
   import optax
   params = {"w": jnp.ones((3,))}
-  state = train.TrainState.create(apply_fn=None, params=params, tx=optax.sgd(0.1),
+  state = train.TrainState.create(apply_fn=None, params=params, tx=optax.sgd(1.0),
                                   batch_stats={}, rng=jax.random.key(0))
   state = state.replace(step=jnp.asarray(50))
 
@@ -131,7 +132,7 @@ def test_schedule_scales_the_update():
     return loss, ({"loss": loss}, {})
 
   batch = {"x": jnp.array([1.0, 2.0, 3.0])}
-  hp = {"steps": jnp.float32(100)}
+  hp = {"steps": jnp.float32(100), "learning_rate": jnp.float32(0.1)}
   for schedule, lr_scale, scale in (("constant", 1.0, 1.0), ("cosine", 1.0, 0.5),
                                     ("cosine", 0.5, 0.25)):
     new, _ = train.train_step(state, batch, {**hp, "lr_scale": jnp.float32(lr_scale)},

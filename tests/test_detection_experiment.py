@@ -202,7 +202,9 @@ def test_bad_detection_fields_are_one_line_errors(configs):
   from tcr_jax.errors import UserError
   for key, value, words in (("task.crowd_eval", "keep", "crowd_eval"),
                             ("train.base_select", "depth_rmse", "base_select"),
-                            ("task.trainable_backbone_layers", 7, "0..5")):
+                            ("task.trainable_backbone_layers", 7, "0..5"),
+                            ("task.detector.width", 0.0, "detector.width"),
+                            ("init.detection_head", "/w", "detector.width=1")):
     c = configs.smoke("detection_recon", **{key: value})
     with pytest.raises(UserError, match=words):
       configs_lib.validate(c)
@@ -210,10 +212,12 @@ def test_bad_detection_fields_are_one_line_errors(configs):
 
 def test_detection_head_checkpoint_goes_into_the_base(tmp_path, configs):
   """config.init.detection_head: an import-torchvision checkpoint of
-  fasterrcnn_resnet50_fpn_v2 replaces the base's detector variables."""
+  fasterrcnn_resnet50_fpn_v2 replaces the base's detector variables (of
+  torchvision's width: the :smoke config's detector is narrower)."""
   from tcr_jax.tasks import FasterRCNN, checkpoint_io
   from tcr_jax.tasks import torchvision_import as ti
-  base = bases.for_config(configs.smoke("detection_recon")).base_model()
+  config = configs.smoke("detection_recon", **{"task.detector.width": 1.0})
+  base = bases.for_config(config).base_model()
   shapes = jax.eval_shape(base.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
   variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
   head = jax.tree.map(lambda s: np.full(s.shape, 0.5, s.dtype),

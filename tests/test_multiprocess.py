@@ -201,7 +201,7 @@ def test_both_killed_mid_stage_resume_to_the_same_results(two_processes, root,
 def test_a_peer_dying_stops_the_survivor_in_one_line(root, tmp_path, victim):
   workdir = str(tmp_path / "dying")
   first = os.path.join(workdir, "stages", "base_baseline_alpha0.05", "done.json")
-  procs = _start(root, workdir, flags=["--heartbeat_timeout=20",
+  procs = _start(root, workdir, flags=["--heartbeat_timeout=10",
                                       "--config.train.base_steps=2"])
   deadline = time.time() + 900
   while not os.path.exists(first) and time.time() < deadline and all(

@@ -31,11 +31,12 @@ def grads(base):
   base's training loss (alpha 0.05) and of alpha * R + D, for beta 0
   (baseline) and 0.01 (proposal); one compiled program for all, whose one
   backward pass carries the three terms (jacrev: a vmap over the vjp, a
-  third of the program that three separate gradients compile)."""
+  third of the program that three separate gradients compile). Run once:
+  XLA's cheapest code generation (opt level 0) compiles it sooner."""
   model, variables, batch = base
   which = ("rec", "train", "task")
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
   def all_grads(params, beta):
     def f(params):
       o, _ = model.apply({**variables, "params": params}, batch["image"],

@@ -1,4 +1,5 @@
 """Training end to end on the :smoke config (CPU, 4 fake devices)."""
+import functools
 import json
 import os
 import time
@@ -133,7 +134,8 @@ def test_loss_decreases_over_a_few_steps(tmp_path, configs):
   stage = train.Stage("probe", "base", 8, {"alpha": 0.05, "beta": 1.0})
   state = exp.create_train_state(stage)
   batch = exp.loader.train_batch(stage.name, 0)
-  hp = train.step_hp(stage)  # as the sweep's stages: the same compiled step
+  # as the sweep's stages: the same compiled step
+  hp = train.step_hp(stage, config.train.learning_rate)
   step = exp.train_step("base")
   losses, rec = [], []
   for _ in range(15):
@@ -163,7 +165,8 @@ def test_sharded_step_equals_single_device_step(tmp_path, configs):
     batch = exp.loader.train_batch("probe", 0)
     assert len(batch["image"].sharding.device_set) == len(devices)
 
-    @jax.jit
+    # Run once each: XLA's cheapest code generation compiles them sooner.
+    @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
     def grads(params, batch):
       f = lambda p: loss_fn({"params": p, "batch_stats": v["batch_stats"]},
                             batch, jax.random.PRNGKey(0), hp)
@@ -187,17 +190,22 @@ def test_batch_not_divisible_by_devices_is_refused(tmp_path, configs):
 
 @pytest.mark.slow
 def test_preempted_run_ends_like_an_uninterrupted_one(smoke_run, tmp_path, root):
-  """SIGKILL in the middle of a stage, start again: same results.json."""
+  """The proposal's two stages alone (a stage's numbers depend only on its
+  name and inputs), SIGKILLed in the middle of the enhancement, after the
+  base finished; started again: the full sweep's records of those stages."""
   _, records, _ = smoke_run
   workdir = str(tmp_path / "preempted")
-  target = os.path.join(workdir, "stages", "enhancement_baseline_alpha0.05",
+  target = os.path.join(workdir, "stages", "enhancement_proposal_alpha0.05",
                         "checkpoints", "2")
   done = run_killed_then_resumed(
       ["--config=configs/depth_recon.py:smoke",
-       f"--config.sweep.alphas={ALPHAS}", f"--workdir={workdir}"], root, target)
+       f"--config.sweep.alphas={ALPHAS}", "--config.sweep.methods=('proposal',)",
+       "--config.sweep.standalone=False", f"--workdir={workdir}"], root, target)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "resuming at step" in done.stdout
-  assert_same_records(_load(workdir), records)
+  proposal = [r for r in records if r["method"] == "proposal"]
+  assert len(proposal) == 2
+  assert_same_records(_load(workdir), proposal)
 
 
 @pytest.mark.slow

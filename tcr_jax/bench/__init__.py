@@ -55,7 +55,8 @@ def train_step(config_spec: str, batch: int, height: int, width: int,
       step=jnp.int32(0), apply_fn=model.apply, params=variables["params"],
       tx=tx, opt_state=tx.init(variables["params"]),
       batch_stats=variables["batch_stats"], rng=jax.random.PRNGKey(0))
-  hp = {"alpha": jnp.float32(1e-3), "beta": jnp.float32(0.01)}
+  hp = {"alpha": jnp.float32(1e-3), "beta": jnp.float32(0.01),
+        "learning_rate": jnp.float32(config.train.learning_rate)}
   step = jax.jit(functools.partial(
       train.train_step, loss_fn=functools.partial(task.base_loss_fn, model)),
       donate_argnums=0)

@@ -59,11 +59,16 @@ class FasterRCNN(nn.Module):
   box_positive_fraction: float = 0.25
   image_mean: tuple[float, float, float] = IMAGENET_MEAN
   image_std: tuple[float, float, float] = IMAGENET_STD
+  # Not torchvision's: scales the channels of the backbone, the pyramid and
+  # the box head (1: torchvision's model; the :smoke configs' CPU tests use
+  # less). The RPN head follows the pyramid.
+  width: float = 1.0
 
   def setup(self):
-    self.backbone = fpn.ResNetFPN()
+    self.backbone = fpn.ResNetFPN(self.width)
     self.rpn = rpn.RPN()
-    self.roi_heads = roi_heads.RoIHeads(self.num_classes, fpn.STRIDES)
+    self.roi_heads = roi_heads.RoIHeads(self.num_classes, fpn.STRIDES,
+                                        self.width)
 
   # ------------------------------------------------------------ stages
 

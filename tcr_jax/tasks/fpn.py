@@ -27,17 +27,21 @@ kaiming_uniform_a1 = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
 
 
 class ResNet50Body(nn.Module):
-  """Undilated ResNet-50 returning [layer1, layer2, layer3, layer4]."""
+  """Undilated ResNet-50 returning [layer1, layer2, layer3, layer4];
+  `width` scales every layer's channels (resnet.scaled; 1: torchvision's)."""
+  width: float = 1.0
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
-    x = conv2d(resnet.STEM_CHANNELS, 7, stride=2, name="conv1")(x)
+    x = conv2d(resnet.scaled(resnet.STEM_CHANNELS, self.width), 7, stride=2,
+               name="conv1")(x)
     x = nn.relu(BatchNorm(use_running_average=not train, name="bn1")(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     features = []
     layout = resnet.stage_layout((False, False, False))
     for i, (planes, blocks) in enumerate(zip(resnet.STAGE_PLANES, layout), 1):
-      x = resnet.ResNetStage(planes, tuple(blocks), name=f"layer{i}")(x, train)
+      x = resnet.ResNetStage(resnet.scaled(planes, self.width), tuple(blocks),
+                             name=f"layer{i}")(x, train)
       features.append(x)
     return features
 
@@ -86,11 +90,14 @@ class FPN(nn.Module):
 
 
 class ResNetFPN(nn.Module):
-  """backbone/body + backbone/fpn: NHWC image -> five FPN maps."""
+  """backbone/body + backbone/fpn: NHWC image -> five FPN maps; `width`
+  scales the body's and the pyramid's channels (1: torchvision's)."""
+  width: float = 1.0
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
-    return FPN(name="fpn")(ResNet50Body(name="body")(x, train), train)
+    body = ResNet50Body(self.width, name="body")(x, train)
+    return FPN(resnet.scaled(FPN_CHANNELS, self.width), name="fpn")(body, train)
 
 
 def torch_leaves() -> list[tuple[tuple[str, ...], str, str]]:

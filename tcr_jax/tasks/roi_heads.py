@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from tcr_jax.tasks import detection_ops as ops
 from tcr_jax.tasks.layers import conv2d, kaiming_fan_out
+from tcr_jax.tasks.resnet import scaled
 
 BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 RESOLUTION = 7
@@ -98,15 +99,18 @@ class BoxConv(nn.Module):
 
 
 class BoxHead(nn.Module):
-  """FastRCNNConvFCHead((256, 7, 7), [256] * 4, [1024], BatchNorm2d)."""
+  """FastRCNNConvFCHead((256, 7, 7), [256] * 4, [1024], BatchNorm2d);
+  `width` scales its channels (1: torchvision's)."""
+  width: float = 1.0
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None,
                train: bool = False) -> jax.Array:
     for i, channels in enumerate(CONV_CHANNELS):
-      x = BoxConv(channels, name=f"block{i}")(x, mask, train)
+      x = BoxConv(scaled(channels, self.width), name=f"block{i}")(x, mask, train)
     x = x.reshape(x.shape[0], -1)  # (H, W, C) order; the import permutes fc6
-    return nn.relu(_dense(REPRESENTATION, x.shape[-1], "fc6")(x))
+    return nn.relu(_dense(scaled(REPRESENTATION, self.width), x.shape[-1],
+                          "fc6")(x))
 
 
 class BoxPredictor(nn.Module):
@@ -125,6 +129,7 @@ class RoIHeads(nn.Module):
   box deltas (K, 4 * num_classes)) of RoIs (K, 4) in image pixels."""
   num_classes: int
   strides: tuple[int, ...] = (4, 8, 16, 32)
+  width: float = 1.0  # the box head's channels (BoxHead)
 
   @nn.compact
   def __call__(self, features: Sequence[jax.Array], boxes: jax.Array,
@@ -133,7 +138,7 @@ class RoIHeads(nn.Module):
     pooled = ops.multiscale_roi_align(
         features[:len(self.strides)], boxes, batch_index, self.strides,
         RESOLUTION, SAMPLING_RATIO)
-    x = BoxHead(name="box_head")(pooled, mask, train)
+    x = BoxHead(self.width, name="box_head")(pooled, mask, train)
     return BoxPredictor(self.num_classes, name="box_predictor")(x)
 
 

@@ -105,8 +105,10 @@ def learning_rate_scale(step, steps, schedule: str, warmup: int = 0) -> jax.Arra
 def train_step(state: TrainState, batch, hp, frozen, *, loss_fn: Callable,
                schedule: str = "constant", warmup: int = 0
                ) -> tuple[TrainState, dict]:
-  """One update; hp["steps"] (the stage's length) drives the schedule and
-  hp["lr_scale"] (default 1) scales the learning rate."""
+  """One update; hp["steps"] (the stage's length) drives the schedule,
+  hp["learning_rate"] is the step size (a value, not a constant of the
+  program: a new learning rate compiles nothing) and hp["lr_scale"]
+  (default 1) scales it. state.tx is `optimizer`'s unit-step Adam."""
   rng = jax.random.fold_in(state.rng, state.step)
 
   def differentiate(params):
@@ -117,7 +119,7 @@ def train_step(state: TrainState, batch, hp, frozen, *, loss_fn: Callable,
       differentiate, has_aux=True)(state.params)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   scale = (learning_rate_scale(state.step, hp.get("steps", 1.0), schedule, warmup)
-           * hp.get("lr_scale", 1.0))
+           * hp["learning_rate"] * hp.get("lr_scale", 1.0))
   updates = jax.tree.map(lambda u: u * scale, updates)
   state = state.replace(step=state.step + 1,
                         params=optax.apply_updates(state.params, updates),
@@ -125,23 +127,27 @@ def train_step(state: TrainState, batch, hp, frozen, *, loss_fn: Callable,
   return state, metrics
 
 
-def step_hp(stage: Stage) -> dict:
+def step_hp(stage: Stage, learning_rate: float) -> dict:
   """The hyperparameters train_step gets for `stage`: its hp, its length
-  ("steps"), and lr_scale always (1 unless a fine-tune sets it), so every
-  stage of a kind has the same structure and one compiled step serves them
-  all (x * 1.0 is x: the numbers are the same)."""
+  ("steps"), the learning rate, and lr_scale always (1 unless a fine-tune
+  sets it), so every stage of a kind has the same structure and one
+  compiled step serves them all, whatever their learning rates."""
   return {k: jnp.float32(v) for k, v in
-          {"lr_scale": 1.0, **stage.hp, "steps": stage.steps}.items()}
+          {"lr_scale": 1.0, **stage.hp, "steps": stage.steps,
+           "learning_rate": learning_rate}.items()}
 
 
 def optimizer(config, kind: str, trainable: str = "all", task=None
               ) -> optax.GradientTransformation:
-  """Adam (with the kind's gradient clipping; the base task's frozen parts,
-  task.base_optimizer, for the base layer); trainable="entropy_model"
-  leaves every parameter outside the entropy model ("em") unchanged."""
+  """Adam with a unit step (train_step multiplies the update by
+  hp["learning_rate"]: config.train.learning_rate reaches the compiled step
+  as a value), with the kind's gradient clipping and, for the base layer,
+  the base task's frozen parts (task.base_optimizer); trainable=
+  "entropy_model" leaves every parameter outside the entropy model ("em")
+  unchanged."""
   t = config.train
   clip = t.base_grad_clip if kind == "base" else t.enhancement_grad_clip
-  adam = optax.adam(t.learning_rate)
+  adam = optax.adam(1.0)
   tx = optax.chain(optax.clip_by_global_norm(clip), adam) if clip > 0 else adam
   if kind == "base":
     tx = (task or bases.for_config(config)).base_optimizer(tx)
@@ -310,7 +316,7 @@ def _train(exp: Experiment, stage: Stage, state: TrainState, mngr, writer
                                              writer=writer,
                                              every_steps=t.log_every)
   step_fn = exp.train_step(stage.kind, stage.trainable)
-  hp = jax.device_put(step_hp(stage), exp.replicated)
+  hp = jax.device_put(step_hp(stage, t.learning_rate), exp.replicated)
   eval_count = min(t.eval_images_during_training, exp.eval_images)
   t0, s0 = time.perf_counter(), int(state.step)
   if stopped(s0):
