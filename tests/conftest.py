@@ -208,6 +208,15 @@ def run_killed_then_resumed(cmd, cwd, kill_when_exists: str,
                         timeout=timeout)
 
 
+def assert_resumed_mid_stage(stdout: str, stage: str, steps: int) -> None:
+  """The run resumed `stage` from a checkpoint before its last step (a kill
+  that landed after the stage's end would test nothing)."""
+  import re
+  found = re.findall(rf"\[{re.escape(stage)}\] resuming at step (\d+)", stdout)
+  assert found, f"{stage} did not resume"
+  assert 0 < int(found[0]) < steps, f"{stage} resumed at step {found[0]} of {steps}"
+
+
 def assert_same_records(resumed: list[dict], records: list[dict]) -> None:
   """results.json records equal up to float noise (rel 1e-5)."""
   assert len(resumed) == len(records)

@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from conftest import assert_resumed_mid_stage
+
 # serial: their CPU processes must meet within gloo's 30 s, which other
 # tests running alongside can make them miss (`make test` runs these alone).
 # Tried alongside, 2026-12-07: the processes of a job missed each other, and
@@ -189,7 +191,7 @@ def test_both_killed_mid_stage_resume_to_the_same_results(two_processes, root,
   runs = _finish(_start(root, workdir, flags=proposal_only))
   for code, stdout, stderr in runs:
     assert code == 0, stderr[-3000:]
-  assert "resuming at step" in runs[0][1]
+  assert_resumed_mid_stage(runs[0][1], "enhancement_proposal_alpha0.05", 8)
   uninterrupted = [r for r in _results(two_processes[0]) if r["method"] == "proposal"]
   assert len(uninterrupted) == 2
   worst = _worst_relative_difference(_results(workdir), uninterrupted)

@@ -14,7 +14,8 @@ from tcr_jax.errors import UserError
 from tcr_jax.tools import compression
 from tcr_jax.training import sweep, train
 
-from conftest import assert_same_records, run_killed_then_resumed
+from conftest import (assert_resumed_mid_stage, assert_same_records,
+                      run_killed_then_resumed)
 
 ALPHAS = "(0.05,)"
 FIELDS = {"experiment", "method", "alpha", "beta", "bpp_base", "bpp_enhancement",
@@ -189,7 +190,8 @@ def test_batch_not_divisible_by_devices_is_refused(tmp_path, configs):
 
 
 @pytest.mark.slow
-def test_preempted_run_ends_like_an_uninterrupted_one(smoke_run, tmp_path, root):
+def test_preempted_run_ends_like_an_uninterrupted_one(smoke_run, tmp_path, root,
+                                                      configs):
   """The proposal's two stages alone (a stage's numbers depend only on its
   name and inputs), SIGKILLed in the middle of the enhancement, after the
   base finished; started again: the full sweep's records of those stages."""
@@ -202,7 +204,8 @@ def test_preempted_run_ends_like_an_uninterrupted_one(smoke_run, tmp_path, root)
        f"--config.sweep.alphas={ALPHAS}", "--config.sweep.methods=('proposal',)",
        "--config.sweep.standalone=False", f"--workdir={workdir}"], root, target)
   assert done.returncode == 0, done.stderr[-3000:]
-  assert "resuming at step" in done.stdout
+  assert_resumed_mid_stage(done.stdout, "enhancement_proposal_alpha0.05",
+                           configs.smoke().train.enhancement_steps)
   proposal = [r for r in records if r["method"] == "proposal"]
   assert len(proposal) == 2
   assert_same_records(_load(workdir), proposal)
